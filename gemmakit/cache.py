@@ -1,0 +1,112 @@
+"""Static, preallocated KV cache: full buffers for global layers, a ring buffer of W slots for sliding layers.
+
+Time indices count every token slot of the batch, left padding included (row b's first real token is at time
+`pad[b]`). Keys are stored after rope, so a ring slot needs no re-rotation when it is reused. Masks are built
+from the time each slot holds, never from slot order, which keeps generation past the window exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gemmakit.config import GemmaConfig
+from gemmakit.errors import InputError
+
+
+def attention_mask(q_times: torch.Tensor, k_times: torch.Tensor, pad: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean mask [B, 1, Tq, Tk], True where query time q may see key time k.
+
+    A query sees keys `q - W < k <= q` (W = window, or unbounded), excluding empty slots (k < 0) and the
+    row's left padding (k < pad[b]). A padding query sees only itself, so no softmax row is empty (no NaN).
+    """
+    q = q_times.view(1, -1, 1)
+    k = k_times.view(1, 1, -1)
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible = visible & (k > q - window)
+    real_key = k >= pad.view(-1, 1, 1)
+    return (visible & (real_key | (k == q))).unsqueeze(1)
+
+
+@dataclass
+class StepPlan:
+    """Where this forward's keys live: the times of the keys each kind of layer attends over."""
+
+    start: int
+    length: int
+    q_times: torch.Tensor
+    global_k_times: torch.Tensor
+    sliding_k_times: torch.Tensor
+    sliding_write_first: bool
+
+
+class KVCache:
+    """Per-layer K/V buffers of fixed size, so the decode step has (nearly) static shapes."""
+
+    def __init__(self, config: GemmaConfig, batch_size: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        self.config = config
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self.ring_size = min(config.sliding_window or capacity, capacity)
+        shape = (batch_size, config.num_kv_heads)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for layer in range(config.num_layers):
+            size = self.ring_size if config.is_sliding(layer) else capacity
+            self.keys.append(torch.zeros(*shape, size, config.head_dim, dtype=dtype, device=device))
+            self.values.append(torch.zeros(*shape, size, config.head_dim, dtype=dtype, device=device))
+        self.ring_times = torch.full((self.ring_size,), -1, dtype=torch.long, device=device)
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+
+    def plan(self, num_new: int) -> StepPlan:
+        """Reserve `num_new` time steps and say which key times each layer kind will attend over."""
+        start = self.length
+        if start + num_new > self.capacity:
+            raise InputError(
+                f"sequence of {start + num_new} tokens exceeds the KV cache capacity of {self.capacity} "
+                f"(model context {self.config.max_position}); shorten the prompt or lower max_new_tokens"
+            )
+        device = self.ring_times.device
+        q_times = torch.arange(start, start + num_new, device=device)
+        write_first = num_new == 1
+        if write_first:  # one new key replaces the slot that just left the window: attend over the ring alone
+            self.ring_times[start % self.ring_size] = start
+            sliding_k = self.ring_times.clone()
+        elif start == 0:  # fresh prefill: the ring is empty, attend over the chunk itself
+            sliding_k = q_times
+        else:
+            sliding_k = torch.cat([self.ring_times, q_times])
+        self.length = start + num_new
+        return StepPlan(start, num_new, q_times, torch.arange(self.length, device=device), sliding_k, write_first)
+
+    def finish(self, plan: StepPlan) -> None:
+        """After all layers ran: record which times the ring now holds (multi-token steps write at the end)."""
+        if plan.sliding_write_first:
+            return
+        keep = min(plan.length, self.ring_size)
+        times = plan.q_times[-keep:]
+        self.ring_times[times % self.ring_size] = times
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k/v [B, Hkv, T, D] for `layer`; return the k/v the layer attends over."""
+        keys, values = self.keys[layer], self.values[layer]
+        if not self.config.is_sliding(layer):
+            keys[:, :, plan.start:plan.start + plan.length] = k
+            values[:, :, plan.start:plan.start + plan.length] = v
+            return keys[:, :, :self.length], values[:, :, :self.length]
+        if plan.sliding_write_first:
+            slot = plan.start % self.ring_size
+            keys[:, :, slot:slot + 1] = k
+            values[:, :, slot:slot + 1] = v
+            return keys, values
+        attend_k = k if plan.start == 0 else torch.cat([keys, k], dim=2)
+        attend_v = v if plan.start == 0 else torch.cat([values, v], dim=2)
+        keep = min(plan.length, self.ring_size)
+        slots = plan.q_times[-keep:] % self.ring_size
+        keys[:, :, slots] = k[:, :, -keep:]
+        values[:, :, slots] = v[:, :, -keep:]
+        return attend_k, attend_v

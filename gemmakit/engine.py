@@ -1,0 +1,123 @@
+"""Generation: prefill once, then decode one token at a time against the static KV cache.
+
+The engine only sees token ids; text, chat templates and detokenisation live with the tokenizer. Batches are
+left-padded so that every row's next token sits in the same column; each row's pad count shifts its rope
+positions and hides its padding from attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gemmakit.cache import KVCache
+from gemmakit.errors import InputError
+from gemmakit.model import Transformer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0 means greedy (argmax); the filters then do nothing."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise InputError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Scale by temperature and set to -inf every token that top-k, top-p or min-p rules out. logits: [B, V]."""
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.min_p is not None and sampling.min_p > 0:
+        probs = torch.softmax(logits, dim=-1)
+        floor = probs.max(dim=-1, keepdim=True).values * sampling.min_p
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first token always stays)
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= sampling.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V]."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(filter_logits(logits, sampling), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, T] with each prompt right-aligned, and each row's pad count [B]."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise InputError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+    pad = torch.tensor([width - len(p) for p in prompts], dtype=torch.long)
+    return ids, pad
+
+
+def generate_tokens(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    stop_ids: frozenset[int] = frozenset(),
+    max_context: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row [B] per step, until all rows stopped or `max_new_tokens`.
+
+    A row that produced a stop id keeps being fed (its later tokens are ignored by the caller) so the batch
+    keeps static shapes; the stop token itself is yielded so the caller can see why the row ended.
+    """
+    if max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = model.config.max_position if max_context is None else min(max_context, model.config.max_position)
+    ids, pad = left_pad(prompts, model.config.pad_id)
+    if ids.shape[1] > limit:
+        raise InputError(f"prompt has {ids.shape[1]} tokens but the model's context is {limit}; shorten the prompt")
+    capacity = min(limit, ids.shape[1] + max_new_tokens)
+    if max_new_tokens == 0:
+        return
+    device = model.device
+    cache = KVCache(model.config, ids.shape[0], capacity, model.dtype, device)
+    cache.pad.copy_(pad)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    with torch.inference_mode():
+        logits = model(ids.to(device), cache=cache, last_only=True)[:, -1]
+        for step in range(max_new_tokens):
+            token = choose(logits, sampling, generator)
+            yield token
+            done |= torch.isin(token, stops)
+            if bool(done.all()) or step == max_new_tokens - 1 or cache.length >= capacity:
+                return
+            logits = model(token.view(-1, 1), cache=cache, last_only=True)[:, -1]

@@ -1,0 +1,259 @@
+"""The Gemma 1/2/3 decoder as one readable `nn.Module`, parameter names identical to transformers'.
+
+Numerics follow the references exactly: RMSNorm multiplies by (1 + w) in fp32 before casting back; the
+embedding normaliser sqrt(d) is cast to the activation dtype first; GeGLU uses tanh-GELU on the gate; rope
+is rotate-half in fp32; Gemma 2 soft-caps attention scores before the mask and the final logits; Gemma 3
+normalises q and k before rope. The module never reads files or samples tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemmakit.cache import KVCache, StepPlan, attention_mask
+from gemmakit.config import GemmaConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + w), computed in fp32 and cast back only at the end (Gemma's order, not Llama's)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+class Site(nn.Module):
+    """A named point in the forward pass (resid_post, attn_out, mlp_out) where hooks may read or change x.
+
+    It is only called when hooks are registered on it, so an unhooked model pays nothing.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _through(site: Site, x: torch.Tensor) -> torch.Tensor:
+    return site(x) if site._forward_hooks or site._forward_pre_hooks else x
+
+
+def rope_inv_freq(head_dim: int, theta: float, scale: float = 1.0) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d) over the full head_dim, divided by the linear scaling factor."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    return inv / scale
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, 1, T, D] in fp32 for integer positions [B, T]."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rope: x[i] pairs with x[i + d/2]; done in fp32 whatever the activation dtype."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+@dataclass
+class LayerInputs:
+    """What every layer of one kind (sliding or global) shares during one forward: rope tables and mask."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.scale = config.query_pre_attn_scalar ** -0.5
+        self.softcap = config.attn_softcap
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, config.q_dim, bias=False)
+        self.k_proj = nn.Linear(d, config.kv_dim, bias=False)
+        self.v_proj = nn.Linear(d, config.kv_dim, bias=False)
+        self.o_proj = nn.Linear(config.q_dim, d, bias=False)
+        if config.use_qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.attn_out = Site()
+
+    def forward(self, x: torch.Tensor, inputs: LayerInputs, cache: KVCache | None, plan: StepPlan | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, plan)
+        out = self._attend(q, k, v, inputs.mask)
+        out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        return self.o_proj(_through(self.attn_out, out))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.softcap is None:  # Gemma 1/3: no cap, so the fused kernel computes the same function
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                                  enable_gqa=self.num_heads != self.num_kv_heads)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap  # Gemma 2: cap before the mask
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)
+
+
+class MLP(nn.Module):
+    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, config: GemmaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Gemma 1: pre-norm residual block. Gemma 2/3: sandwich norms around attention and MLP.
+
+    HF's `post_attention_layernorm` is the pre-MLP norm in Gemma 1 and the post-attention norm in Gemma 2/3;
+    the names are kept so that state dicts load unchanged.
+    """
+
+    def __init__(self, config: GemmaConfig, layer: int) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.sliding = config.is_sliding(layer)
+        self.sandwich = config.sandwich_norms
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.mlp_out = Site()
+        self.resid_post = Site()
+
+    def forward(self, x: torch.Tensor, inputs: LayerInputs, cache: KVCache | None, plan: StepPlan | None) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), inputs, cache, plan)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            mlp = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            x = x + attn
+            mlp = self.mlp(self.post_attention_layernorm(x))
+        x = x + _through(self.mlp_out, mlp)
+        return _through(self.resid_post, x)
+
+
+class Decoder(nn.Module):
+    """Holds the parameters under HF's `model.` prefix: embed_tokens, layers, norm."""
+
+    def __init__(self, config: GemmaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """A Gemma causal LM with tied embeddings. `state_dict()` keys are transformers' canonical names."""
+
+    def __init__(self, config: GemmaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.register_buffer("inv_freq_local", rope_inv_freq(config.head_dim, config.rope_theta_local), persistent=False)
+        self.register_buffer(
+            "inv_freq_global",
+            rope_inv_freq(config.head_dim, config.rope_theta_global, config.rope_scale_global),
+            persistent=False,
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """E[ids] * sqrt(d), with the normaliser rounded to the activation dtype as the references do."""
+        h = self.model.embed_tokens(ids)
+        return h * torch.tensor(self.config.hidden_size ** 0.5, dtype=h.dtype)
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm, tied projection onto the vocabulary, and Gemma 2's final soft-cap."""
+        logits = F.linear(self.model.norm(h), self.model.embed_tokens.weight)
+        cap = self.config.final_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        cache: KVCache | None = None,
+        pad: torch.Tensor | None = None,
+        last_only: bool = False,
+        stop_after_layer: int | None = None,
+    ) -> torch.Tensor | None:
+        """Logits [B, T, V] (or [B, 1, V] with `last_only`) for ids [B, T].
+
+        With a cache, the ids continue the cached sequence and their k/v are stored. `pad` gives each row's
+        count of left padding (taken from the cache when one is given). With `stop_after_layer`, the layers
+        after it are skipped and None is returned: used when only activations (read by hooks) are wanted.
+        """
+        b, t = ids.shape
+        if cache is not None:
+            plan = cache.plan(t)
+            pad = cache.pad
+            q_times, global_k, sliding_k = plan.q_times, plan.global_k_times, plan.sliding_k_times
+        else:
+            plan = None
+            pad = torch.zeros(b, dtype=torch.long, device=ids.device) if pad is None else pad.to(ids.device)
+            q_times = global_k = sliding_k = torch.arange(t, device=ids.device)
+        positions = (q_times.view(1, -1) - pad.view(-1, 1)).clamp(min=0)
+        per_kind = {}
+        for sliding in set(self.config.is_sliding(i) for i in range(self.config.num_layers)):
+            inv = self.inv_freq_local if sliding else self.inv_freq_global
+            cos, sin = rope_cos_sin(positions, inv)
+            window = self.config.sliding_window if sliding else None
+            mask = attention_mask(q_times, sliding_k if sliding else global_k, pad, window)
+            per_kind[sliding] = LayerInputs(cos, sin, mask)
+        h = self.embed(ids)
+        last = self.config.num_layers - 1 if stop_after_layer is None else stop_after_layer
+        for layer in self.model.layers[: last + 1]:
+            h = layer(h, per_kind[layer.sliding], cache, plan)
+        if cache is not None:
+            cache.finish(plan)
+        if stop_after_layer is not None:
+            return None
+        if last_only:
+            h = h[:, -1:]
+        return self.unembed(h)
