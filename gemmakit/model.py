@@ -207,9 +207,13 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(ids)
         return h * torch.tensor(self.config.hidden_size ** 0.5, dtype=h.dtype)
 
-    def unembed(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm, tied projection onto the vocabulary, and Gemma 2's final soft-cap."""
-        logits = F.linear(self.model.norm(h), self.model.embed_tokens.weight)
+    def unembed(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm, tied projection onto the vocabulary (or only onto `rows`, token ids), Gemma 2's soft-cap.
+
+        Reading a few rows (e.g. a classifier's Yes/No) costs a few dot products instead of the whole vocabulary.
+        """
+        weight = self.model.embed_tokens.weight if rows is None else self.model.embed_tokens.weight[rows]
+        logits = F.linear(self.model.norm(h), weight)
         cap = self.config.final_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -229,6 +233,19 @@ class Transformer(nn.Module):
         count of left padding (taken from the cache when one is given). With `stop_after_layer`, the layers
         after it are skipped and None is returned: used when only activations (read by hooks) are wanted.
         """
+        h = self.hidden_states(ids, cache, pad, stop_after_layer)
+        if stop_after_layer is not None:
+            return None
+        return self.unembed(h[:, -1:] if last_only else h)
+
+    def hidden_states(
+        self,
+        ids: torch.Tensor,
+        cache: KVCache | None = None,
+        pad: torch.Tensor | None = None,
+        stop_after_layer: int | None = None,
+    ) -> torch.Tensor:
+        """The residual stream [B, T, d] after the last layer (or after `stop_after_layer`), before the norm."""
         b, t = ids.shape
         if cache is not None:
             plan = cache.plan(t)
@@ -240,7 +257,7 @@ class Transformer(nn.Module):
             q_times = global_k = sliding_k = torch.arange(t, device=ids.device)
         positions = (q_times.view(1, -1) - pad.view(-1, 1)).clamp(min=0)
         per_kind = {}
-        for sliding in set(self.config.is_sliding(i) for i in range(self.config.num_layers)):
+        for sliding in {self.config.is_sliding(i) for i in range(self.config.num_layers)}:
             inv = self.inv_freq_local if sliding else self.inv_freq_global
             cos, sin = rope_cos_sin(positions, inv)
             window = self.config.sliding_window if sliding else None
@@ -252,8 +269,4 @@ class Transformer(nn.Module):
             h = layer(h, per_kind[layer.sliding], cache, plan)
         if cache is not None:
             cache.finish(plan)
-        if stop_after_layer is not None:
-            return None
-        if last_only:
-            h = h[:, -1:]
-        return self.unembed(h)
+        return h

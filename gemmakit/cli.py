@@ -1,0 +1,162 @@
+"""`gemmakit <verb>`: thin argument parsing over the library; every verb's logic lives in a library module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from gemmakit.errors import GemmaKitError
+
+# Modules that add verbs: each has `register(verbs: argparse._SubParsersAction) -> None`.
+VERB_MODULES: list[str] = []
+
+MODEL_HELP = "an HF model directory, a .gguf file, a gemma_pytorch .ckpt, or 'default' (the embedded Gemma 3 270M)"
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="activation and weight dtype (default float32, the exact reference path)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("-n", "--max-new-tokens", type=int, default=max_new_tokens,
+                       help=f"stop after this many new tokens (default {max_new_tokens})")
+    group.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    group.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens when sampling")
+    group.add_argument("--top-p", type=float, default=None, help="keep the smallest set with this total probability")
+    group.add_argument("--min-p", type=float, default=None,
+                       help="drop tokens less likely than min_p times the most likely one")
+    group.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+
+
+def load_model(args: argparse.Namespace):
+    from gemmakit.api import load
+
+    start = time.perf_counter()
+    model = load(args.model, dtype=args.dtype)
+    print(f"[loaded {model.source} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    return model
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    c = model.config
+    kinds = Counter(c.layer_types)
+    print(f"source:        {model.source}")
+    print(f"architecture:  {c.family} ({c.name or 'unnamed'})")
+    print(f"parameters:    {c.num_parameters() / 1e6:.1f} M")
+    print(f"layers:        {c.num_layers} ({kinds.get('sliding', 0)} sliding, {kinds.get('global', 0)} global)")
+    print(f"d_model:       {c.hidden_size}   ffn: {c.intermediate_size}")
+    print(f"attention:     {c.num_heads} heads, {c.num_kv_heads} kv heads, head_dim {c.head_dim}, "
+          f"query scale 1/sqrt({c.query_pre_attn_scalar:g})")
+    print(f"window:        {c.sliding_window or '-'}   context: {c.max_position}")
+    print(f"rope:          local {c.rope_theta_local:g}, global {c.rope_theta_global:g} (x{c.rope_scale_global:g})")
+    print(f"soft-caps:     attention {c.attn_softcap or '-'}, final {c.final_softcap or '-'}   "
+          f"qk-norm: {c.use_qk_norm}")
+    print(f"vocabulary:    {model.tokenizer.vocab_size} (bos {model.tokenizer.bos_id}, eos {model.tokenizer.eos_id})")
+    types = Counter(model.tensor_types.values())
+    print("tensor types:  " + ", ".join(f"{name} x{count}" for name, count in types.most_common()))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    start, count = time.perf_counter(), 0
+    if args.no_stream:
+        print(args.prompt + model.generate(args.prompt, args.max_new_tokens, **sampling_options(args)))
+    else:
+        print(args.prompt, end="", flush=True)
+        for piece in model.stream(args.prompt, args.max_new_tokens, **sampling_options(args)):
+            count += 1
+            print(piece, end="", flush=True)
+        print()
+        elapsed = time.perf_counter() - start
+        print(f"[{count} pieces in {elapsed:.1f} s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("Chat with the model. Empty line or Ctrl-D ends; /reset starts over.", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        if not text.strip():
+            return 0
+        if text.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": text})
+        print("model> ", end="", flush=True)
+        reply = []
+        try:
+            for piece in model.chat_stream(messages, args.max_new_tokens, **sampling_options(args)):
+                reply.append(piece)
+                print(piece, end="", flush=True)
+        except GemmaKitError as e:  # e.g. the conversation outgrew the context: say so and let the user go on
+            messages.pop()
+            print(f"\n[error: {e}]", file=sys.stderr)
+            continue
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gemmakit",
+        description="Run Gemma 1/2/3 text models: inspect, generate and chat. MODEL is " + MODEL_HELP + ".",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    info = verbs.add_parser("info", help="show a model's architecture, sizes and tensor types")
+    add_model_argument(info)
+    info.set_defaults(run=cmd_info)
+
+    gen = verbs.add_parser("generate", help="continue a prompt (streams by default)")
+    add_model_argument(gen)
+    gen.add_argument("prompt", help="text to continue; a BOS token is added")
+    gen.add_argument("--no-stream", action="store_true", help="print the whole continuation at the end")
+    add_sampling_arguments(gen, 64)
+    gen.set_defaults(run=cmd_generate)
+
+    chat = verbs.add_parser("chat", help="interactive chat with the model's own template, streaming")
+    add_model_argument(chat)
+    chat.add_argument("--system", default=None, help="system prompt (Gemma 3 folds it into the first turn)")
+    add_sampling_arguments(chat, 256)
+    chat.set_defaults(run=cmd_chat)
+
+    for name in VERB_MODULES:  # each area registers its own verbs, keeping this file thin
+        importlib.import_module(name).register(verbs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except GemmaKitError as e:
+        print(f"gemmakit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
