@@ -300,7 +300,7 @@ def _from_gguf(meta: dict[str, Any], source: str) -> GemmaConfig:
         family=arch, vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
         num_kv_heads=int(kv), head_dim=head_dim, intermediate_size=int(get("feed_forward_length")),
         max_position=int(get("context_length", 8192)),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)), query_pre_attn_scalar=float(qscale),
+        rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-6)), query_pre_attn_scalar=float(qscale),
         bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)), eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 1)),
         pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)), name=str(meta.get("general.name", "")),
     )
@@ -330,3 +330,8 @@ def _from_gguf(meta: dict[str, Any], source: str) -> GemmaConfig:
         final_softcap=float(final_cap) if final_cap else None,
     )
 
+
+
+def _f32(value: Any) -> float:
+    """GGUF stores floats as f32: 1e-6 arrives as 9.99999997e-07. Keep the 7 significant digits f32 holds."""
+    return float(f"{float(value):.7g}")
