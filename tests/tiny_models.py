@@ -51,3 +51,29 @@ def save_hf_model(family: str, directory: Path, seed: int = 0):
     model = hf_model(family, seed)
     model.save_pretrained(directory)
     return model
+
+
+def save_tiny_tokenizer(directory: Path) -> Path:
+    """Train a SentencePiece BPE model of exactly VOCAB pieces with Gemma's special ids, as tokenizer.model."""
+    import io
+
+    import sentencepiece as spm
+
+    words = ("the of and to in is was for on that with as by at from his her it an are be this which or had "
+             "not but they were one all their has been have who more will would there when into time only new "
+             "some could these two may first then do any like other than now people my made over did down way "
+             "sea ship river city king queen hello world gemma model token cache window").split()
+    gen = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (12,), generator=gen))
+             for _ in range(2000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=VOCAB,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", byte_fallback=True, add_dummy_prefix=False,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], split_digits=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
+    )
+    path = Path(directory) / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
