@@ -23,8 +23,13 @@ test: install
 	$(VENV)/bin/ruff check gemmakit tests bench
 	$(PY) -m pytest -q
 
+# The peers are benchmark-only dependencies: llama-cpp-python compiles llama.cpp from source (several minutes,
+# once), with GGML_NATIVE so that it uses this CPU's AVX512 like gemmakit does.
 bench: install
-	$(PY) -m pytest -q -m slow
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF" $(PIP) install -q llama-cpp-python
+	$(PIP) install -q transformers
+	$(PY) bench/compare.py --threads 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

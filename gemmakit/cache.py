@@ -62,6 +62,23 @@ class KVCache:
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
 
+    def clone(self, repeats: int = 1) -> KVCache:
+        """An independent copy, each row repeated `repeats` times (row b becomes rows b*r .. b*r + r - 1).
+
+        Prefix caching: prefill a prompt shared by several continuations once, then continue each copy.
+        """
+        if repeats < 1:
+            raise InputError(f"repeats must be >= 1, got {repeats}")
+        copy = object.__new__(KVCache)
+        copy.config, copy.capacity, copy.ring_size = self.config, self.capacity, self.ring_size
+        copy.length = self.length
+        copy.batch_size = self.batch_size * repeats
+        copy.keys = [k.repeat_interleave(repeats, dim=0) if repeats > 1 else k.clone() for k in self.keys]
+        copy.values = [v.repeat_interleave(repeats, dim=0) if repeats > 1 else v.clone() for v in self.values]
+        copy.ring_times = self.ring_times.clone()
+        copy.pad = self.pad.repeat_interleave(repeats)
+        return copy
+
     def plan(self, num_new: int) -> StepPlan:
         """Reserve `num_new` time steps and say which key times each layer kind will attend over."""
         start = self.length

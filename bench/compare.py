@@ -1,0 +1,321 @@
+"""gemmakit vs llama.cpp (llama-cpp-python) vs transformers on the same GGUF, each in its own subprocess.
+
+    python bench/compare.py [--model default] [--threads 2] [--windows 4]
+
+Figures (issue 3): decode tok/s (batch 1, greedy, 128 new tokens after a ~50-token prompt; prefill excluded),
+prefill tok/s (1024-token prompt, last-position logits only), perplexity on tinyshakespeare (512-token
+windows, the same token ids for everyone), load time (second load in the same process; transformers: first,
+since it re-converts every time anyway), peak resident memory while decoding (VmHWM, reset just before
+decoding starts), and decode as a fraction of the memory-bandwidth limit (bandwidth / bytes of weights read
+per token). Every runner gets the same token ids (made once by gemmakit's tokenizer), the same thread count,
+and runs alone.
+Prints a table with ratios and writes bench/results/compare-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
+BANDWIDTH = 24e9  # bytes/s, measured on the 2-core benchmark machine (issue 3)
+RUNNERS = ("gemmakit", "gemmakit-fp32", "llama.cpp", "transformers")
+
+
+# --- the parent: make tokens, run each runner alone, print the table ---------------------------------------------
+def make_tokens(model: str, args: argparse.Namespace) -> dict:
+    from gemmakit.loader import resolve
+    from gemmakit.tokenizer import Tokenizer
+    from gemmakit.weights.gguf_reader import GGUFFile
+
+    path = resolve(model)
+    with GGUFFile(path) as f:
+        tok = Tokenizer.from_gguf_metadata(f.metadata, str(path))
+    text = Path(args.data).read_text()
+    ids = tok.encode(text[:200_000], add_bos=False)
+    bos = tok.bos_id
+    need = args.windows * args.window
+    windows = [[bos] + ids[i * args.window:(i + 1) * args.window - 1] for i in range(args.windows)]
+    assert len(ids) > need + 2000
+    return {
+        "path": str(path),
+        "decode_prompt": [bos] + ids[need:need + args.prompt_tokens - 1],
+        "new_tokens": args.new_tokens,
+        "prefill_prompt": [bos] + ids[need + 100:need + 100 + args.prefill_tokens - 1],
+        "windows": windows,
+        "threads": args.threads,
+    }
+
+
+def run_child(name: str, tokens_file: str, timeout: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(json.load(open(tokens_file))["threads"]), TOKENIZERS_PARALLELISM="0")
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as out:
+        result_file = out.name
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--tokens", tokens_file,
+           "--result", result_file]
+    print(f"[bench] running {name} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:200] if (proc.stderr or proc.stdout)
+                else f"exit {proc.returncode}"}
+    result = json.loads(Path(result_file).read_text())
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    print(f"[bench] {name}: {result}", file=sys.stderr, flush=True)
+    return result
+
+
+def fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None, digits: int = 2) -> str:
+    return "-" if not a or not b else f"{a / b:.{digits}f}x"
+
+
+def table(results: dict[str, dict]) -> str:
+    g, f32, lc, tf = (results.get(k, {}) for k in RUNNERS)
+    rows = [
+        ("decode tok/s", "decode_tps", 1, [("/llama.cpp", g, lc, False), ("/transformers", g, tf, False)]),
+        ("prefill tok/s", "prefill_tps", 0, [("/llama.cpp", g, lc, False), ("/transformers", g, tf, False)]),
+        ("perplexity", "ppl", 3, [("/fp32 ref", g, f32, False), ("llama.cpp/fp32 ref", lc, f32, False)]),
+        ("load s", "load_s", 2, [("/llama.cpp", g, lc, False)]),
+        ("peak RSS MB", "rss_mb", 0, [("/llama.cpp", g, lc, False)]),
+        ("MB weights/token", "bytes_per_token_mb", 0, []),
+        ("decode / bw limit", "bw_fraction", 2, []),
+        ("load avg (1 min)", "loadavg_1min", 1, []),
+    ]
+    names = list(RUNNERS)
+    head = f"| {'figure':<18} | " + " | ".join(f"{n:>13}" for n in names) + " | ratios (gemmakit unless named) |"
+    lines = [head, "|" + "---|" * (len(names) + 2)]
+    for label, key, digits, ratios in rows:
+        cells = " | ".join(f"{fmt(results.get(n, {}).get(key), digits):>13}" for n in names)
+        rs = ", ".join(f"{rl} {ratio(a.get(key), b.get(key), 4 if key == 'ppl' else 2)}" for rl, a, b, _ in ratios)
+        lines.append(f"| {label:<18} | {cells} | {rs} |")
+    errors = [f"{n}: {r['error']}" for n, r in results.items() if "error" in r]
+    return "\n".join(lines + [""] + errors)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default", help="GGUF file, or 'default' (Gemma 3 270M Q4_K_M)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--windows", type=int, default=4, help="512-token perplexity windows (default 4)")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--prompt-tokens", type=int, default=50)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prefill-tokens", type=int, default=1024)
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--runners", default=",".join(RUNNERS), help=f"comma list of {', '.join(RUNNERS)}")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per runner")
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--tokens", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args.child, args.tokens, args.result)
+    tokens = make_tokens(args.model, args)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(tokens, f)
+    results = {name: run_child(name, f.name, args.timeout) for name in args.runners.split(",")}
+    print(table(results))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    record = {"time": stamp, "model": tokens["path"], "threads": args.threads, "windows": args.windows,
+              "bandwidth_bytes_per_s": BANDWIDTH, "results": results, "table": table(results)}
+    (out / f"compare-{stamp}.json").write_text(json.dumps(record, indent=2))
+    print(f"\nwritten {out / f'compare-{stamp}.json'}")
+    return 0
+
+
+# --- the children: one runner each -----------------------------------------------------------------------------------
+def vm_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss() -> None:
+    """Make VmHWM start again from the current RSS (Linux >= 4.0), so the peak is that of decoding alone."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def nll_sum(logits, targets) -> float:
+    import torch
+
+    return torch.nn.functional.cross_entropy(torch.as_tensor(logits).float(), torch.as_tensor(targets),
+                                             reduction="sum").item()
+
+
+def perplexity(window_logits) -> float:
+    """exp(mean NLL) over all windows; `window_logits(ids)` gives logits [T, V] for one window."""
+    import math
+
+    total, count = 0.0, 0
+    for ids in TOKENS["windows"]:
+        total += nll_sum(window_logits(ids)[:-1], ids[1:])
+        count += len(ids) - 1
+    return math.exp(total / count)
+
+
+def child(name: str, tokens_file: str, result_file: str) -> int:
+    global TOKENS
+    TOKENS = json.loads(Path(tokens_file).read_text())
+    import torch
+
+    torch.set_num_threads(TOKENS["threads"])
+    result = {"gemmakit": run_gemmakit, "gemmakit-fp32": run_gemmakit_fp32, "llama.cpp": run_llama,
+              "transformers": run_transformers}[name]()
+    if result.get("bytes_per_token") and result.get("decode_tps"):
+        result["bytes_per_token_mb"] = result["bytes_per_token"] / 1e6
+        result["bw_fraction"] = result["decode_tps"] / (BANDWIDTH / result["bytes_per_token"])
+    result["loadavg_1min"] = os.getloadavg()[0]  # other work on the machine skews every figure: recorded
+    Path(result_file).write_text(json.dumps(result))
+    return 0
+
+
+TOKENS: dict = {}
+
+
+def _gemmakit(**load_kw) -> dict:
+    import torch
+
+    import gemmakit
+    from gemmakit.cache import KVCache
+    from gemmakit.engine import generate_tokens
+    from gemmakit.quant import weight_bytes_per_token
+
+    path = TOKENS["path"]
+    start = time.perf_counter()
+    model = gemmakit.load(path, **load_kw)
+    first = time.perf_counter() - start
+    del model
+    start = time.perf_counter()
+    model = gemmakit.load(path, **load_kw)
+    load_s = time.perf_counter() - start
+    mod = model.module
+    n = TOKENS["new_tokens"]
+    reset_peak_rss()
+    times = []
+    for step in generate_tokens(mod, [TOKENS["decode_prompt"]], n):  # greedy, no stop tokens
+        times.append(time.perf_counter())
+        del step
+    decode_tps = (len(times) - 1) / (times[-1] - times[0])
+    rss = vm_kb("VmHWM") / 1024
+    ids = torch.tensor([TOKENS["prefill_prompt"]])
+    with torch.inference_mode():
+        best = float("inf")
+        for _ in range(2):
+            cache = KVCache(mod.config, 1, ids.shape[1], mod.dtype)
+            start = time.perf_counter()
+            mod(ids, cache=cache, last_only=True)
+            best = min(best, time.perf_counter() - start)
+
+        def window_logits(w):
+            return mod(torch.tensor([w]))[0]
+
+        ppl = perplexity(window_logits)
+    return {"load_s": load_s, "first_load_s": first, "decode_tps": decode_tps, "prefill_tps": ids.shape[1] / best,
+            "ppl": ppl, "rss_mb": rss, "bytes_per_token": weight_bytes_per_token(mod),
+            "scheme": str(getattr(mod, "quant_scheme", None))}
+
+
+def run_gemmakit() -> dict:
+    return _gemmakit()
+
+
+def run_gemmakit_fp32() -> dict:
+    return _gemmakit(dtype="float32", quant=None)
+
+
+def run_llama() -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    path, threads = TOKENS["path"], TOKENS["threads"]
+    kw = dict(n_threads=threads, n_threads_batch=threads, verbose=False)
+    start = time.perf_counter()
+    llm = Llama(path, n_ctx=2048, **kw)
+    first = time.perf_counter() - start
+    del llm
+    start = time.perf_counter()
+    llm = Llama(path, n_ctx=2048, **kw)
+    load_s = time.perf_counter() - start
+    reset_peak_rss()
+    times = []
+    for _ in llm.generate(TOKENS["decode_prompt"], top_k=1, temp=0.0, reset=True):
+        times.append(time.perf_counter())
+        if len(times) == TOKENS["new_tokens"]:
+            break
+    decode_tps = (len(times) - 1) / (times[-1] - times[0])
+    rss = vm_kb("VmHWM") / 1024
+    best = float("inf")
+    for _ in range(2):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(TOKENS["prefill_prompt"])
+        best = min(best, time.perf_counter() - start)
+    del llm
+    ppl_llm = Llama(path, n_ctx=TOKENS["windows"] and len(TOKENS["windows"][0]), n_batch=512, logits_all=True, **kw)
+
+    def window_logits(w):
+        ppl_llm.reset()
+        ppl_llm.eval(w)
+        return np.array(ppl_llm.scores[:len(w)])
+
+    ppl = perplexity(window_logits)
+    weights = Path(path).stat().st_size  # every tensor is read per token (the Q8_0 embedding is also the head)
+    return {"load_s": load_s, "first_load_s": first, "decode_tps": decode_tps,
+            "prefill_tps": len(TOKENS["prefill_prompt"]) / best, "ppl": ppl, "rss_mb": rss,
+            "bytes_per_token": weights}
+
+
+def run_transformers() -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(TOKENS["path"])
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - start
+    reset_peak_rss()
+    with torch.inference_mode():
+        out = model(torch.tensor([TOKENS["decode_prompt"]]), use_cache=True, logits_to_keep=1)
+        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        steps = TOKENS["new_tokens"] - 1
+        for _ in range(steps):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        decode_tps = steps / (time.perf_counter() - start)
+        rss = vm_kb("VmHWM") / 1024
+        ids = torch.tensor([TOKENS["prefill_prompt"]])
+        best = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            model(ids, logits_to_keep=1)
+            best = min(best, time.perf_counter() - start)
+        ppl = perplexity(lambda w: model(torch.tensor([w])).logits[0])
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"load_s": load_s, "first_load_s": load_s, "decode_tps": decode_tps, "prefill_tps": ids.shape[1] / best,
+            "ppl": ppl, "rss_mb": rss, "bytes_per_token": weights}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""Weight-only int8 / int4 layers on torch's own CPU kernels, and `quantize_model` to convert a Transformer.
+
+Why weight-only: decoding one token reads every weight once and does two flops per weight, so on a CPU the
+speed is set by the bytes of weights read, not by arithmetic. Storing weights in 8 or 4 bits and keeping the
+activations in bf16 cuts those bytes 4-8x against fp32. The kernels are torch's:
+
+- int8: `aten._weight_int8pack_mm(A, W_int8 [N, K], scales [N])`, symmetric per output row.
+- int4: `aten._weight_int4pack_mm_for_cpu(A, packed, group, scales_and_zeros [K/g, N, 2])`, asymmetric per
+  group of `group` inputs, w = (q - 8) * scale + zero (the tinygemm/gpt-fast convention).
+
+Both want bf16 (or fp16) activations to be fast: with fp32 activations they fall back to slow loops (measured
+10-40x slower), so quantised models run in bf16 and keep only the RMSNorm weights in fp32.
+
+The tied embedding is the largest tensor of a small Gemma (262144 x 640 in Gemma 3 270M: 62% of the
+weights), and it is both the token lookup and the LM head. `QuantEmbedding` keeps one quantised copy for
+both: the head is a quantised matmul, the lookup dequantises only the rows it needs. For int4 this needs the
+CPU packing layout, which torch calls opaque; it is [N/64, K, 32] bytes where byte j of a 64-row block holds
+row j in its low nibble and row j + 32 in its high one (checked by `test_quant.py`, which fails if a torch
+release changes it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemmakit.errors import InputError
+
+INT4_GROUPS = (32, 64, 128, 256)
+_PACK_BLOCK = 64  # rows per block in torch's CPU int4 layout
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A quantisation recipe: the format of the per-layer linears, of the tied embedding/head, the int4 group.
+
+    Formats: "int8", "int4", or "bf16" (no quantisation, bf16 weights).
+    """
+
+    layers: str
+    head: str
+    group: int = 32
+    coarse_head: bool = False  # also keep an int4 copy of the head to pick candidates (see QuantEmbedding)
+
+    def __post_init__(self) -> None:
+        for part, fmt in (("layers", self.layers), ("head", self.head)):
+            if fmt not in ("int8", "int4", "bf16"):
+                raise InputError(f"quant scheme {part}={fmt!r}: expected 'int8', 'int4' or 'bf16'")
+        if self.group not in INT4_GROUPS:
+            raise InputError(f"int4 group size {self.group} not supported; expected one of {INT4_GROUPS}")
+
+
+# Named schemes accepted by `load(quant=...)` and `gemmakit quantize`. "int8" is the accurate one (perplexity
+# within 1% of fp32 on the 270M); "int8-rescore" is int8 plus an int4 copy of the head that decoding uses to
+# pick 64 candidates, re-scored exactly in int8 (reads ~40% fewer head bytes per token); "int4" reads the fewest
+# bytes but costs +18% perplexity; "int8-head4" keeps the layers at int8 and puts only the head at int4.
+SCHEMES: dict[str, Scheme] = {
+    "bf16": Scheme("bf16", "bf16"),
+    "int8": Scheme("int8", "int8"),
+    "int8-rescore": Scheme("int8", "int8", 64, coarse_head=True),
+    "int4": Scheme("int4", "int4", 32),
+    "int4-g64": Scheme("int4", "int4", 64),
+    "int4-g128": Scheme("int4", "int4", 128),
+    "int8-head4": Scheme("int8", "int4", 32),
+    "int4-head8": Scheme("int4", "int8", 32),
+}
+
+
+def scheme(name: str) -> Scheme:
+    if name not in SCHEMES:
+        raise InputError(f"unknown quant={name!r}; expected one of {', '.join(SCHEMES)} (or None for none)")
+    return SCHEMES[name]
+
+
+def has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 activations pay off."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        flags = ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags or torch.backends.cpu.get_cpu_capability() == "AVX512_BF16"
+
+
+# --- quantisers: plain functions over tensors ------------------------------------------------------------------
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q [N, K] int8, scales [N] fp32) with w ~ q * scale."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+_CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def quantize_int4(w: torch.Tensor, group: int, rows_per_chunk: int = 8192,
+                  search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group: (q [N, K] int32 in 0..15, scales_and_zeros [N, K/g, 2] fp32).
+
+    For each group the range is shrunk by the factor (of `_CLIP_CANDIDATES`) that gives the least squared
+    error: clipping a rare outlier buys finer steps for all other weights. It costs six trial roundings at
+    conversion time and nothing when running; `search=False` keeps the plain min/max range.
+    """
+    candidates = _CLIP_CANDIDATES if search else (1.0,)
+    n, k = w.shape
+    q_out = torch.empty(n, k, dtype=torch.int32)
+    sz_out = torch.empty(n, k // group, 2)
+    for start in range(0, n, rows_per_chunk):
+        wg = w[start:start + rows_per_chunk].float().view(-1, k // group, group)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        mid = (lo + hi) / 2
+        best_err = best_q = best_scale = best_min = None
+        for c in candidates:
+            mn, mx = mid + (lo - mid) * c, mid + (hi - mid) * c
+            scale = ((mx - mn) / 15).clamp(min=1e-10)
+            q = torch.round((wg - mn) / scale).clamp(0, 15)
+            err = ((q * scale + mn - wg) ** 2).sum(-1, keepdim=True)
+            if best_err is None:
+                best_err, best_q, best_scale, best_min = err, q, scale, mn
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_q = torch.where(better, q, best_q)
+                best_scale = torch.where(better, scale, best_scale)
+                best_min = torch.where(better, mn, best_min)
+        rows = wg.shape[0]
+        q_out[start:start + rows] = best_q.view(rows, k).to(torch.int32)
+        zero = best_min + 8 * best_scale
+        sz_out[start:start + rows] = torch.cat([best_scale, zero], dim=-1)
+    return q_out, sz_out
+
+
+def unpack_int4_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes [len(rows), K] (uint8, 0..15) of the given rows of a CPU-packed int4 weight."""
+    blocks, k, _ = packed.shape
+    byte = packed[rows // _PACK_BLOCK, :, rows % (_PACK_BLOCK // 2)]  # [R, K]
+    high = (rows % _PACK_BLOCK >= _PACK_BLOCK // 2).view(-1, 1)
+    return torch.where(high, byte >> 4, byte & 15)
+
+
+# --- modules -------------------------------------------------------------------------------------------------
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W stored as int8 [N, K] and one scale per output row (in the activation dtype)."""
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, dtype: torch.dtype) -> Int8Linear:
+        q, s = quantize_int8(w)
+        return cls(q, s.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = _flat(x).to(self.scales.dtype)
+        if a.shape[0] >= DENSE_ROWS:
+            y = F.linear(a, self.weight_int8.to(a.dtype)) * self.scales
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(a, self.weight_int8, self.scales)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.weight_int8[rows].to(self.scales.dtype) * self.scales[rows, None]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-row"
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W in 4 bits, packed for torch's CPU kernel, scale and zero per group of `group` inputs."""
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> None:
+        super().__init__()
+        self.group = group
+        self.out_features = packed.shape[0] * _PACK_BLOCK if packed.dim() == 3 else packed.shape[0]
+        self.in_features = scales_zeros.shape[0] * group
+        # stored as [N/64, K, 32]: the kernel's layout, shaped so rows can be read back for lookups
+        self.register_buffer("weight_int4", packed.view(-1, self.in_features, _PACK_BLOCK // 2))
+        self.register_buffer("scales_zeros", scales_zeros)  # [K/g, N, 2], activation dtype
+
+    @staticmethod
+    def supports(w: torch.Tensor, group: int) -> bool:
+        n, k = w.shape
+        return n % _PACK_BLOCK == 0 and k % group == 0
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, group: int, dtype: torch.dtype, search: bool = True) -> Int4Linear:
+        q, sz = quantize_int4(w, group, search=search)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        return cls(packed, sz.transpose(0, 1).contiguous().to(dtype), group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = _flat(x).to(self.scales_zeros.dtype)
+        if a.shape[0] >= DENSE_ROWS:
+            rows = torch.arange(self.out_features, device=a.device)
+            y = F.linear(a, self.dequantized_rows(rows))
+        else:
+            w = self.weight_int4.view(self.out_features, self.in_features // 2)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, w, self.group, self.scales_zeros)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        q = unpack_int4_rows(self.weight_int4, rows).to(self.scales_zeros.dtype)  # [R, K]
+        sz = self.scales_zeros[:, rows]  # [K/g, R, 2]
+        scale = sz[..., 0].t().repeat_interleave(self.group, dim=1)
+        zero = sz[..., 1].t().repeat_interleave(self.group, dim=1)
+        return (q - 8) * scale + zero
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group}"
+
+
+QuantLinear = Int8Linear | Int4Linear
+# Above this many rows (prefill, scoring) a weight is dequantised to bf16 for one dense matmul: the weight-only
+# kernels are built for decode (few rows) and were measured 3x slower than bf16 GEMM on 512-token windows.
+DENSE_ROWS = 32
+
+
+def make_linear(w: torch.Tensor, fmt: str, group: int, dtype: torch.dtype) -> nn.Module:
+    """The quantised form `fmt` of a [N, K] weight, falling back to int8 when int4's shape rules fail."""
+    if fmt == "int4" and Int4Linear.supports(w, group):
+        return Int4Linear.from_weight(w, group, dtype)
+    if fmt in ("int4", "int8"):
+        return Int8Linear.from_weight(w, dtype)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+    return lin
+
+
+class QuantEmbedding(nn.Module):
+    """The tied embedding in quantised form: `forward(ids)` looks rows up, `project(x, rows)` is the LM head."""
+
+    CANDIDATES = 64
+
+    def __init__(self, table: nn.Module, dtype: torch.dtype, coarse: nn.Module | None = None) -> None:
+        super().__init__()
+        self.table = table
+        self.coarse = coarse
+        self.act_dtype = dtype
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.act_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.table.buffers()).device
+
+    def _rescored(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode-time head: int4 logits for the whole vocabulary, then the top `CANDIDATES` of each row
+        recomputed from the int8 table. The int4 pass reads 40% fewer bytes than int8; the argmax (greedy) and
+        every likely token get int8 values, only the unlikely tail keeps int4 ones."""
+        a = _flat(x).to(self.act_dtype)
+        logits = self.coarse(a)
+        top = logits.topk(self.CANDIDATES, dim=-1).indices  # [M, C]
+        rows = self.table.dequantized_rows(top.reshape(-1)).view(*top.shape, -1)  # [M, C, K]
+        exact = torch.bmm(rows, a.unsqueeze(-1)).squeeze(-1)
+        logits.scatter_(-1, top, exact.to(logits.dtype))
+        return logits.view(*x.shape[:-1], -1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.table.dequantized_rows(ids.reshape(-1))
+        return rows.view(*ids.shape, self.embedding_dim).to(self.act_dtype)
+
+    def project(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits x E^T over the whole vocabulary, or over `rows` only (dequantising just those rows)."""
+        if rows is None and x.numel() // x.shape[-1] < DENSE_ROWS:
+            if self.coarse is None:
+                return self.table(x)
+            return self._rescored(x)
+        if rows is None:  # many positions: dequantise the vocabulary in slices, never the whole table at once
+            a = x.to(self.act_dtype)
+            step = 16384
+            return torch.cat([F.linear(a, self.table.dequantized_rows(torch.arange(i, min(i + step,
+                              self.num_embeddings), device=a.device))) for i in range(0, self.num_embeddings, step)],
+                             dim=-1)
+        return F.linear(x.to(self.act_dtype), self.table.dequantized_rows(rows).to(self.act_dtype))
+
+
+# --- conversion of a whole model ---------------------------------------------------------------------------------
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantize_model(model: nn.Module, mode: str | Scheme, dtype: torch.dtype = torch.bfloat16,
+                   progress: Callable[[int], None] | None = None) -> nn.Module:
+    """Convert a (fp32) `Transformer` in place: linears and the tied embedding to `mode`, norms kept in fp32.
+
+    Returns the model. `progress(n)` is called after each converted tensor (for a progress bar).
+    """
+    spec = scheme(mode) if isinstance(mode, str) else mode
+    model.quant_scheme = spec
+    for block in model.model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name in LINEAR_NAMES:
+                lin = getattr(parent, name, None)
+                if isinstance(lin, nn.Linear):
+                    setattr(parent, name, make_linear(lin.weight.detach(), spec.layers, spec.group, dtype))
+                    if progress:
+                        progress(1)
+    emb = model.model.embed_tokens
+    if isinstance(emb, nn.Embedding):
+        if spec.head == "bf16":
+            emb.weight.data = emb.weight.data.to(dtype)
+        else:
+            table = make_linear(emb.weight.detach(), spec.head, spec.group, dtype)
+            coarse = None
+            if spec.coarse_head and Int4Linear.supports(emb.weight, spec.group):
+                # only ranks candidates, so the plain min/max range is enough (5x faster to convert)
+                coarse = Int4Linear.from_weight(emb.weight.detach(), spec.group, dtype, search=False)
+            model.model.embed_tokens = QuantEmbedding(table, dtype, coarse)
+        if progress:
+            progress(1)
+    for module in model.modules():  # norms: fp32 weights, they cost nothing and keep the (1 + w) exact
+        if hasattr(module, "eps") and isinstance(getattr(module, "weight", None), nn.Parameter):
+            module.weight.data = module.weight.data.float()
+    return model
+
+
+def count_convertible(model: nn.Module) -> int:
+    """How many tensors `quantize_model` converts (the length of its progress bar)."""
+    return sum(1 for m in model.modules() if isinstance(m, nn.Linear)) + 1
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every linear, the whole head, one embedding row (ignored)."""
+    total = 0
+    emb = model.model.embed_tokens
+    skip = emb.table if isinstance(emb, QuantEmbedding) and emb.coarse is not None else None
+    if skip is not None:  # decoding reads the coarse head plus CANDIDATES rows of the exact one
+        total += emb.CANDIDATES * sum(t.numel() * t.element_size() for t in skip.buffers()) // emb.num_embeddings
+    for module in model.modules():
+        if module is skip:
+            continue
+        if isinstance(module, (Int8Linear, Int4Linear, nn.Linear)):
+            total += sum(t.numel() * t.element_size() for t in module.buffers(recurse=False))
+            total += sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
+        elif isinstance(module, nn.Embedding):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def build_quantized(config, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A quantised `Transformer` from the state dict of one (as saved by `gemmakit.weights.converted`).
+
+    The kind of each linear is read from its buffer names (`weight_int8`, `weight_int4`, or a plain `weight`),
+    so the file alone says how the model was converted.
+    """
+    from gemmakit.loader import _rope_buffer
+    from gemmakit.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    for i, block in enumerate(model.model.layers):
+        for part, parent in (("self_attn", block.self_attn), ("mlp", block.mlp)):
+            for name in LINEAR_NAMES:
+                if getattr(parent, name, None) is not None:
+                    setattr(parent, name, _linear_from_state(state, f"model.layers.{i}.{part}.{name}"))
+    if "model.embed_tokens.weight" not in state:
+        coarse = None
+        if any(k.startswith("model.embed_tokens.coarse.") for k in state):
+            coarse = _linear_from_state(state, "model.embed_tokens.coarse")
+        model.model.embed_tokens = QuantEmbedding(_linear_from_state(state, "model.embed_tokens.table"), dtype, coarse)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.inv_freq_local = _rope_buffer(config, local=True, device="cpu")
+    model.inv_freq_global = _rope_buffer(config, local=False, device="cpu")
+    return model.eval().requires_grad_(False)
+
+
+def _linear_from_state(state: dict[str, torch.Tensor], prefix: str) -> nn.Module:
+    if f"{prefix}.weight_int8" in state:
+        return Int8Linear(state[f"{prefix}.weight_int8"], state[f"{prefix}.scales"])
+    if f"{prefix}.weight_int4" in state:
+        packed, sz = state[f"{prefix}.weight_int4"], state[f"{prefix}.scales_zeros"]
+        return Int4Linear(packed, sz, packed.shape[1] // sz.shape[0])
+    w = state[f"{prefix}.weight"]
+    with torch.device("meta"):
+        return nn.Linear(w.shape[1], w.shape[0], bias=False)
