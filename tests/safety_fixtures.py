@@ -6,10 +6,10 @@ import re
 import zlib
 
 import torch
-from tiny_models import VOCAB, save_hf_model
 
 from gemmakit.loader import build_model
 from gemmakit.weights import hf
+from tiny_models import VOCAB, save_hf_model
 
 YES, NO = VOCAB - 2, VOCAB - 1
 

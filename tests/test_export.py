@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VOCAB, save_hf_model
-from train_helpers import one_thread, tiny_tokenizer
 
 from gemmakit.errors import InputError
 from gemmakit.export import save_gguf, save_hf
 from gemmakit.loader import build_model, read_checkpoint
 from gemmakit.train.lora import LoraConfig, apply_lora
 from gemmakit.weights import hf
+from tiny_models import VOCAB, save_hf_model
+from train_helpers import one_thread, tiny_tokenizer
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -81,11 +81,10 @@ def test_export_refuses_what_it_cannot_write(tiny, tmp_path):
 
 def test_cli_exports_model_with_merged_adapter(tmp_path):
     """`gemmakit export MODEL OUT --adapter DIR`: the adapter is merged and the tokenizer files travel along."""
-    from train_helpers import save_tiny_model
-
     import gemmakit
     from gemmakit.cli import main
     from gemmakit.train.lora import lora_parameters, save_adapter
+    from train_helpers import save_tiny_model
 
     source = save_tiny_model("gemma", tmp_path / "src")
     adapted = gemmakit.load(source)

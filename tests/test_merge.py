@@ -7,8 +7,6 @@ import math
 
 import pytest
 import torch
-from tiny_models import save_hf_model
-from train_helpers import one_thread
 
 from gemmakit.errors import ConfigError
 from gemmakit.loader import build_model
@@ -27,6 +25,8 @@ from gemmakit.merge import (
     ties,
 )
 from gemmakit.weights import hf
+from tiny_models import save_hf_model
+from train_helpers import one_thread
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 

@@ -22,7 +22,6 @@ import os
 
 import pytest
 import torch
-from tiny_models import save_hf_model, save_tiny_tokenizer
 from torch import nn
 
 import gemmakit
@@ -30,6 +29,7 @@ from gemmakit import quant
 from gemmakit.cli import main as cli_main
 from gemmakit.errors import InputError
 from gemmakit.weights import converted
+from tiny_models import save_hf_model, save_tiny_tokenizer
 
 TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First Citizen: You are all "
         "resolved rather to die than to famish? All: Resolved. resolved. First Citizen: First, you know Caius "

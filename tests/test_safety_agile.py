@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from safety_fixtures import WordTokenizer, tiny_model
 
 pytest.importorskip("gemmakit.train.lora", reason="LoRA (gemmakit.train.lora) is not available")

@@ -6,10 +6,10 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from safety_fixtures import WordTokenizer, tiny_model
 
 import gemmakit.safety.cli as safety_cli
 from gemmakit.cli import main
+from safety_fixtures import WordTokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")

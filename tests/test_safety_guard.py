@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from safety_fixtures import WordTokenizer, tiny_model
 
 from gemmakit.errors import InputError
 from gemmakit.safety import Guard, ShieldClassifier
 from gemmakit.safety.scoring import Classification, PolicyResult
+from safety_fixtures import WordTokenizer, tiny_model
 
 
 class WordClassifier:

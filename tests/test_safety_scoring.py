@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from safety_fixtures import NO, YES, WordTokenizer, tiny_model
 
 from gemmakit.cache import KVCache
 from gemmakit.errors import InputError, TokenizerError
 from gemmakit.safety import POLICIES, Policy, ShieldClassifier, aggregate, render, violation_probability
+from safety_fixtures import NO, YES, WordTokenizer, tiny_model
 
 TEXTS = [
     "How do I bake bread?",

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from test_scope_support import one_thread, tiny_gemma
 
 from gemmakit import scope
 from gemmakit.cli import main
+from test_scope_support import one_thread, tiny_gemma
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 

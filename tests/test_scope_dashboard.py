@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_scope_support import one_thread, tiny_gemma
 
 from gemmakit import scope
 from gemmakit.scope.dashboard import dashboard_data, render_html, write_dashboard
 from gemmakit.scope.explore import feature_examples, index_features, logit_effects, text_features
+from test_scope_support import one_thread, tiny_gemma
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
-import test_scope_support  # noqa: F401 - silences torch's sparse-beta warnings
 import torch
 
+import test_scope_support  # noqa: F401 - silences torch's sparse-beta warnings
 from gemmakit import FormatError, scope
 from gemmakit.errors import InputError
 from gemmakit.scope import kernels

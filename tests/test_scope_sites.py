@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_scope_support import one_thread, tiny_gemma
 
 from gemmakit import InputError, scope
 from gemmakit.cache import attention_mask
 from gemmakit.model import apply_rope, rope_cos_sin
+from test_scope_support import one_thread, tiny_gemma
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 

@@ -7,11 +7,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from tiny_models import VOCAB, save_hf_model
 
 from gemmakit.api import Gemma
 from gemmakit.loader import build_model
 from gemmakit.weights import hf
+from tiny_models import VOCAB, save_hf_model
 
 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_scope_support import one_thread
 
 from gemmakit import scope
 from gemmakit.scope.train import TensorSource, TrainConfig, Trainer
+from test_scope_support import one_thread
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 

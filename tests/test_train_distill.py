@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from train_helpers import one_thread, save_tiny_model, write_jsonl
 
 import gemmakit
 from gemmakit.train.data import encode_rows, read_jsonl
@@ -22,6 +21,7 @@ from gemmakit.train.distill import (
     topk_tail_ce,
     train_distill,
 )
+from train_helpers import one_thread, save_tiny_model, write_jsonl
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 V = 50

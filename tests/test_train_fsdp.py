@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import one_thread, save_tiny_model, write_jsonl
 
 from gemmakit.cli import main
 from gemmakit.weights import hf
+from train_helpers import one_thread, save_tiny_model, write_jsonl
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 

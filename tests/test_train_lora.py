@@ -6,8 +6,6 @@ import json
 
 import pytest
 import torch
-from tiny_models import VOCAB, hf_model, save_hf_model
-from train_helpers import one_thread
 
 from gemmakit.errors import FormatError, InputError
 from gemmakit.loader import build_model
@@ -23,6 +21,8 @@ from gemmakit.train.lora import (
     unmerge_lora,
 )
 from gemmakit.weights import hf
+from tiny_models import VOCAB, hf_model, save_hf_model
+from train_helpers import one_thread
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import QA, one_thread, save_tiny_model, write_jsonl
 
 import gemmakit
 from gemmakit.train.data import encode_row, read_jsonl
 from gemmakit.train.lora import LoraConfig, load_adapter
 from gemmakit.train.sft import SFTConfig, chunked_nll, train_sft
+from train_helpers import QA, one_thread, save_tiny_model, write_jsonl
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
