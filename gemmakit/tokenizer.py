@@ -113,9 +113,13 @@ class StreamDecoder:
 
     def _emit(self, text: str) -> str:
         if self._at_start and text:
-            self._at_start = False
-            if text[0] == " ":  # the dummy prefix, as `decode` drops it
-                text = text[1:]
+            if self._tok._remove_extra_ws:  # as `decode`: every leading space goes, however many pieces hold it
+                text = text.lstrip(" ")
+                self._at_start = not text
+            else:
+                self._at_start = False
+                if text[0] == " ":  # the dummy prefix, as `decode` drops it
+                    text = text[1:]
         return text
 
     def feed(self, token_id: int) -> str:
@@ -714,7 +718,9 @@ class Tokenizer:
         out.append(b"".join(run).decode("utf-8", errors=_ERRORS))
         text = "".join(out)
         if self._add_dummy_prefix and text.startswith(" "):
-            text = text[1:]  # SentencePiece drops the dummy prefix it added (never the case for Gemma)
+            # SentencePiece drops the dummy prefix it added, and with remove_extra_whitespaces every leading
+            # space of the sentence (never the case for Gemma, which has neither option)
+            text = text.lstrip(" ") if self._remove_extra_ws else text[1:]
         return text
 
     def decode_stream(self, skip_special: bool = False) -> StreamDecoder:
