@@ -42,11 +42,23 @@ class StepPlan:
     sliding_write_first: bool
 
 
+def storage_dtype(dtype: torch.dtype, device: torch.device | str | None) -> torch.dtype:
+    """The dtype K/V are stored in for a model computing in `dtype`: fp32 on CPU for bf16/fp16 models.
+
+    Decoding attends in fp32 on CPU (reduced-precision matmuls of one query are slow there), so storing the
+    (already rounded) k/v in fp32 is exact and saves converting the whole cache at every layer of every step,
+    for twice the cache memory. Other devices keep the model's dtype.
+    """
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    return torch.float32 if on_cpu and dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 class KVCache:
     """Per-layer K/V buffers of fixed size, so the decode step has (nearly) static shapes."""
 
     def __init__(self, config: GemmaConfig, batch_size: int, capacity: int, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
+        dtype = storage_dtype(dtype, device)
         self.config = config
         self.capacity = capacity
         self.batch_size = batch_size
@@ -92,7 +104,8 @@ class KVCache:
         write_first = num_new == 1
         if write_first:  # one new key replaces the slot that just left the window: attend over the ring alone
             self.ring_times[start % self.ring_size] = start
-            sliding_k = self.ring_times.clone()
+            # until the ring wraps, times 0..start fill slots 0..start: attend over those, not the empty rest
+            sliding_k = self.ring_times[: min(start + 1, self.ring_size)].clone()
         elif start == 0:  # fresh prefill: the ring is empty, attend over the chunk itself
             sliding_k = q_times
         else:
@@ -119,11 +132,12 @@ class KVCache:
             slot = plan.start % self.ring_size
             keys[:, :, slot:slot + 1] = k
             values[:, :, slot:slot + 1] = v
-            return keys, values
+            used = min(self.length, self.ring_size)
+            return keys[:, :, :used], values[:, :, :used]
         attend_k = k if plan.start == 0 else torch.cat([keys, k], dim=2)
         attend_v = v if plan.start == 0 else torch.cat([values, v], dim=2)
         keep = min(plan.length, self.ring_size)
         slots = plan.q_times[-keep:] % self.ring_size
-        keys[:, :, slots] = k[:, :, -keep:]
-        values[:, :, slots] = v[:, :, -keep:]
+        keys[:, :, slots] = k[:, :, -keep:].to(keys.dtype)
+        values[:, :, slots] = v[:, :, -keep:].to(values.dtype)
         return attend_k, attend_v

@@ -25,11 +25,25 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self._multiplier: tuple[tuple, torch.Tensor] | None = None
+
+    def multiplier(self) -> torch.Tensor:
+        """1 + w in fp32. Without autograd it is kept between calls (decoding calls each norm once per token)
+        and rebuilt when the weight changes (its version counter, storage or device) or the mode does."""
+        w = self.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return 1.0 + w.float()
+        inference = torch.is_inference_mode_enabled()
+        key = (w._version if not w.is_inference() else -1, w.data_ptr(), w.device, inference)
+        if self._multiplier is None or self._multiplier[0] != key:
+            self._multiplier = (key, 1.0 + w.detach().float())
+        return self._multiplier[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).type_as(x)
+        # torch's rms_norm computes x * rsqrt(mean(x^2) + eps) * weight: the same function in the same order
+        # as the written-out form (bit-identical, checked by test_model), in far fewer ops
+        y = F.rms_norm(x if x.dtype == torch.float32 else x.float(), (x.shape[-1],), self.multiplier(), self.eps)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class Site(nn.Module):
@@ -53,18 +67,25 @@ def rope_inv_freq(head_dim: int, theta: float, scale: float = 1.0) -> torch.Tens
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [B, 1, T, D] in fp32 for integer positions [B, T]."""
+    """cos and signed sin [B, 1, T, D] in fp32 for integer positions [B, T].
+
+    The signed sin has its first half negated (-sin, +sin), the sign that rotate-half puts on the rolled x, so
+    that `apply_rope` needs no negation (an exact change: IEEE negation commutes with the product).
+    """
     freqs = positions[..., None].float() * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
-    return emb.cos(), emb.sin()
+    sin = emb.sin()
+    half = sin.shape[-1] // 2
+    return emb.cos(), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rope: x[i] pairs with x[i + d/2]; done in fp32 whatever the activation dtype."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rope (x[i] pairs with x[i + d/2]) in fp32 whatever the activation dtype.
+
+    x * cos + rotate_half(x) * sin, with rotate_half(x) * sin written as roll(x, d/2) * signed_sin.
+    """
     xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    return (xf * cos + torch.roll(xf, xf.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)
 
 
 @dataclass
@@ -72,7 +93,7 @@ class LayerInputs:
     """What every layer of one kind (sliding or global) shares during one forward: rope tables and mask."""
 
     cos: torch.Tensor
-    sin: torch.Tensor
+    signed_sin: torch.Tensor
     mask: torch.Tensor
 
 
@@ -103,7 +124,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
+        q, k = apply_rope(q, inputs.cos, inputs.signed_sin), apply_rope(k, inputs.cos, inputs.signed_sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, plan)
         out = self._attend(q, k, v, inputs.mask)
@@ -111,8 +132,10 @@ class Attention(nn.Module):
         return self.o_proj(_through(self.attn_out, out))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.softcap is None and q.shape[2] == 1 and q.dtype != torch.float32:
+        if q.shape[2] == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
             return self._attend_one(q, k, v, mask)
+        if k.dtype != q.dtype:  # a CPU cache stores k/v of a bf16 model in fp32 (exact values, see KVCache)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         if self.softcap is None:  # Gemma 1/3: no cap, so the fused kernel computes the same function
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                   enable_gqa=self.num_heads != self.num_kv_heads)
@@ -126,19 +149,26 @@ class Attention(nn.Module):
         return torch.matmul(probs, v)
 
     def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One query per row (decoding, reduced precision): two small matmuls, softmax in fp32.
+        """One query per row (decoding in reduced precision on CPU): two small matmuls, softmax in fp32.
 
         The fused CPU kernel spends ~0.3 ms per call on setup for a single query (measured, 2 threads), ten
         times the arithmetic; the fp32 reference path keeps the fused kernel.
         """
         b, h, _, d = q.shape
-        groups = h // self.num_kv_heads
-        qg = q.view(b, self.num_kv_heads, groups, d)
-        # fp32 matmuls: bf16 ones of this shape take ~0.1 ms each on CPU, fp32 ones a fraction of that
-        scores = torch.matmul(qg.float(), k.float().transpose(2, 3)) * self.scale  # [B, Hkv, G, L]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, v.float()).to(q.dtype).view(b, h, 1, d)
+        kv_heads, groups = self.num_kv_heads, h // self.num_kv_heads
+        # fp32 matmuls: bf16 ones of this shape take ~0.1 ms each on CPU, fp32 ones a fraction of that (a CPU
+        # cache of a bf16 model keeps k/v in fp32, see KVCache, so there is usually nothing to convert)
+        k = k.reshape(b * kv_heads, -1, d)
+        v = v.reshape(b * kv_heads, -1, d)
+        qg = q.reshape(b * kv_heads, groups, d).float()
+        scores = torch.bmm(qg, (k if k.dtype == torch.float32 else k.float()).transpose(1, 2)) * self.scale
+        if self.softcap is not None:  # Gemma 2: cap before the mask, as in the many-query path
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        length = scores.shape[-1]
+        scores = torch.where(mask, scores.view(b, kv_heads, groups, length), float("-inf"))  # mask [B, 1, 1, L]
+        probs = torch.softmax(scores, dim=-1).view(b * kv_heads, groups, length)
+        out = torch.bmm(probs, v if v.dtype == torch.float32 else v.float())
+        return out.to(q.dtype).view(b, h, 1, d)
 
 
 class MLP(nn.Module):
@@ -266,7 +296,7 @@ class Transformer(nn.Module):
         return self.unembed(h[:, -1:] if last_only else h)
 
     def _rope_lookup(self, positions: torch.Tensor, sliding: bool, need: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [B, 1, T, D] for `positions`, read from a table grown on demand (doubling).
+        """cos/signed sin [B, 1, T, D] for `positions`, read from a table grown on demand (doubling).
 
         The table holds exactly what `rope_cos_sin` computes (same fp32 product, same cos/sin), so this only
         saves the per-step trigonometry of decoding, never changes a value. `need` bounds the positions (a

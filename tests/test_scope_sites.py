@@ -9,7 +9,6 @@ import torch
 
 from gemmakit import InputError, scope
 from gemmakit.cache import attention_mask
-from gemmakit.model import apply_rope, rope_cos_sin
 from test_scope_support import one_thread, tiny_gemma
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -18,6 +17,16 @@ _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 @pytest.fixture(scope="module", params=["gemma", "gemma2", "gemma3"])
 def model(request, tmp_path_factory):
     return tiny_gemma(request.param, tmp_path_factory.mktemp("models"))
+
+
+def hand_rope(x: torch.Tensor, times: torch.Tensor, module, block) -> torch.Tensor:
+    """Rotate-half rope written out: angle t * inv_freq[i] for the pair (x[i], x[i + d/2])."""
+    inv = module.inv_freq_local if block.sliding else module.inv_freq_global
+    angles = times.float()[:, None] * inv[None, :]  # [T, D/2]
+    cos, sin = angles.cos(), angles.sin()
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
 
 
 def hand_attention(module, block, h: torch.Tensor) -> torch.Tensor:
@@ -31,9 +40,7 @@ def hand_attention(module, block, h: torch.Tensor) -> torch.Tensor:
     if attn.q_norm is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
     times = torch.arange(t)
-    inv = module.inv_freq_local if block.sliding else module.inv_freq_global
-    cos, sin = rope_cos_sin(times.view(1, -1), inv)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = hand_rope(q, times, module, block), hand_rope(k, times, module, block)
     groups = c.num_heads // c.num_kv_heads
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = q @ k.transpose(2, 3) * c.query_pre_attn_scalar ** -0.5
