@@ -16,6 +16,7 @@ from torch import nn
 
 from gemmakit.cache import KVCache, StepPlan, attention_mask
 from gemmakit.config import GemmaConfig
+from gemmakit.cpu_attention import blocked_attention, decode_attention
 
 
 class RMSNorm(nn.Module):
@@ -132,9 +133,11 @@ class Attention(nn.Module):
         return self.o_proj(_through(self.attn_out, out))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if q.shape[2] == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
-            return self._attend_one(q, k, v, mask)
-        if k.dtype != q.dtype:  # a CPU cache stores k/v of a bf16 model in fp32 (exact values, see KVCache)
+        if q.dtype != torch.float32 and q.device.type == "cpu":  # see gemmakit.cpu_attention for why
+            if q.shape[2] == 1:
+                return decode_attention(q, k, v, mask, self.scale, self.softcap)
+            return blocked_attention(q, k.to(q.dtype), v.to(q.dtype), mask, self.scale, self.softcap)
+        if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
         if self.softcap is None:  # Gemma 1/3: no cap, so the fused kernel computes the same function
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
@@ -147,28 +150,6 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(probs, v)
-
-    def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One query per row (decoding in reduced precision on CPU): two small matmuls, softmax in fp32.
-
-        The fused CPU kernel spends ~0.3 ms per call on setup for a single query (measured, 2 threads), ten
-        times the arithmetic; the fp32 reference path keeps the fused kernel.
-        """
-        b, h, _, d = q.shape
-        kv_heads, groups = self.num_kv_heads, h // self.num_kv_heads
-        # fp32 matmuls: bf16 ones of this shape take ~0.1 ms each on CPU, fp32 ones a fraction of that (a CPU
-        # cache of a bf16 model keeps k/v in fp32, see KVCache, so there is usually nothing to convert)
-        k = k.reshape(b * kv_heads, -1, d)
-        v = v.reshape(b * kv_heads, -1, d)
-        qg = q.reshape(b * kv_heads, groups, d).float()
-        scores = torch.bmm(qg, (k if k.dtype == torch.float32 else k.float()).transpose(1, 2)) * self.scale
-        if self.softcap is not None:  # Gemma 2: cap before the mask, as in the many-query path
-            scores = torch.tanh(scores / self.softcap) * self.softcap
-        length = scores.shape[-1]
-        scores = torch.where(mask, scores.view(b, kv_heads, groups, length), float("-inf"))  # mask [B, 1, 1, L]
-        probs = torch.softmax(scores, dim=-1).view(b * kv_heads, groups, length)
-        out = torch.bmm(probs, v if v.dtype == torch.float32 else v.float())
-        return out.to(q.dtype).view(b, h, 1, d)
 
 
 class MLP(nn.Module):
