@@ -1,7 +1,7 @@
 """Bench (not CI): GGUF files written by `gemmakit.export.save_gguf` run in llama.cpp (llama-cpp-python) with the
 same next-token predictions as gemmakit, for tiny random Gemma 1/2/3 models and F32/F16/BF16/Q8_0.
 
-    python bench/export_llamacpp.py [--real]     # --real also exports the embedded Gemma 3 270M (F16)
+    python bench/export_llamacpp.py [--real]     # --real also exports the embedded Gemma 3 270M (F16, Q8_0)
 
 Prints, per file, the top-1 agreement over all positions and the largest logit difference.
 """
@@ -57,10 +57,14 @@ def main() -> None:
         import gemmakit
 
         g = gemmakit.load("default", dtype="float32")
-        path = save_gguf(g.module, root / "gemma3-270m-F16.gguf", g.tokenizer, "F16")
-        text_ids = g.encode("The capital of France is Paris. The capital of Germany is Berlin. The capital of")
-        agree, diff = compare(g.module, path, text_ids)
-        print(f"gemma3-270m F16   top-1 agreement {agree:.3f}  max |logit diff| {diff:.4f}", flush=True)
+        text = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+        prose = text.read_text()[:2000] if text.exists() else "The capital of France is Paris. " * 20
+        text_ids = g.encode(prose)[:256]
+        for kind in ("F16", "Q8_0"):
+            path = save_gguf(g.module, root / f"gemma3-270m-{kind}.gguf", g.tokenizer, kind)
+            agree, diff = compare(g.module, path, text_ids)
+            print(f"gemma3-270m {kind:5s} ({len(text_ids)} tokens) top-1 agreement {agree:.3f}  "
+                  f"max |logit diff| {diff:.4f}", flush=True)
 
 
 if __name__ == "__main__":
