@@ -9,15 +9,14 @@ get their context in front as HarmBench's own code builds them.
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import statistics
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from gemmakit.errors import FormatError, InputError
+from gemmakit.jsonl import iter_jsonl, open_text
 
 MODERATION_CATEGORIES = ("S", "H", "V", "HR", "SH", "S3", "H2", "V2")
 FORMATS = ("jsonl", "xstest", "openai", "ethos", "harmbench")
@@ -34,28 +33,6 @@ class Example:
     def item(self) -> str | tuple[str, str | None]:
         """What `ShieldClassifier.score_batch` takes."""
         return self.prompt if self.response is None else (self.prompt, self.response)
-
-
-def _open(path: Path) -> TextIO:
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
-
-
-def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with _open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FormatError(f"{path}:{number}: not valid JSON: {e}") from e
-            if not isinstance(record, dict):
-                raise FormatError(f"{path}:{number}: expected a JSON object per line")
-            yield number, record
 
 
 def parse_label(value: Any, where: str) -> int | None:
@@ -78,7 +55,7 @@ def read_jsonl(path: str | Path) -> list[Example]:
     """Lines `{"text": ..., "label": 0|1|null}`; an optional `"response"` makes `text` the prompt it answers."""
     path = Path(path)
     examples = []
-    for number, record in _jsonl(path):
+    for number, record in iter_jsonl(path):
         if not isinstance(record.get("text"), str):
             raise FormatError(f"{path}:{number}: needs a string field 'text'")
         response = record.get("response")
@@ -97,7 +74,7 @@ def read_openai_moderation(path: str | Path, category: str | None = None) -> lis
     if category is not None and category not in MODERATION_CATEGORIES:
         raise InputError(f"category {category!r} is unknown; expected one of {', '.join(MODERATION_CATEGORIES)}")
     examples = []
-    for number, record in _jsonl(path):
+    for number, record in iter_jsonl(path):
         if not isinstance(record.get("prompt"), str):
             raise FormatError(f"{path}:{number}: needs a string field 'prompt'")
         where = f"{path}:{number}"
@@ -113,7 +90,7 @@ def read_openai_moderation(path: str | Path, category: str | None = None) -> lis
 
 
 def _csv(path: Path, required: tuple[str, ...], delimiter: str = ",") -> list[dict[str, str]]:
-    with _open(path) as f:
+    with open_text(path) as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
@@ -159,7 +136,7 @@ def read_harmbench(path: str | Path) -> list[Example]:
 def detect_format(path: str | Path) -> str:
     """Guess the reader from the first line: a CSV header or the keys of the first JSON object."""
     path = Path(path)
-    with _open(path) as f:
+    with open_text(path) as f:
         first = f.readline().strip()
     if first.startswith("{"):
         try:

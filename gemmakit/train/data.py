@@ -8,7 +8,6 @@ modelling; loss on every token). The mask marks the tokens the model must *produ
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from gemmakit.errors import InputError
+from gemmakit.jsonl import iter_jsonl
 
 ASSISTANT_ROLES = ("assistant", "model")
 
@@ -29,21 +29,7 @@ class Example:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such data file; expected JSONL with 'messages', 'prompt'/'completion' or "
-                         "'text' per line")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not valid JSON ({e})") from e
-        if not isinstance(row, dict):
-            raise InputError(f"{path}:{n}: each line must be a JSON object")
-        rows.append(row)
+    rows = [row for _, row in iter_jsonl(path, "JSONL with 'messages', 'prompt'/'completion' or 'text' per line")]
     if not rows:
         raise InputError(f"{path}: no examples")
     return rows
