@@ -127,7 +127,7 @@ class Gemma:
 
 
 def load(path_or_name: str | Path = "default", dtype: str | torch.dtype | None = None, device: str = "cpu",
-         force_fp16: bool = False, quant: str | None = "auto", cache: bool = True) -> Gemma:
+         force_fp16: bool = False, quant: str | None = "auto", cache: bool = True, compile: bool = False) -> Gemma:
     """Load a Gemma model from an HF directory, a GGUF file, a gemma_pytorch `.ckpt`, a converted `.safetensors`
     (`gemmakit quantize`), or "default" (the embedded Gemma 3 270M).
 
@@ -144,7 +144,19 @@ def load(path_or_name: str | Path = "default", dtype: str | torch.dtype | None =
       on CPU with bf16 activations. The conversion is cached under `$GEMMAKIT_CACHE` (default
       ~/.cache/gemmakit) keyed by the file's fingerprint, so only the first load pays for it (`cache=False`
       converts in memory and writes nothing).
+    - `compile=True`: generation decodes through a torch.compile'd step (`gemmakit.compiled_decode`): less
+      per-token overhead, for a compilation the first time each batch size and cache bucket is decoded.
     """
+    model = _load(path_or_name, dtype, device, force_fp16, quant, cache)
+    if compile:
+        from gemmakit import compiled_decode
+
+        compiled_decode.enable(model.module)
+    return model
+
+
+def _load(path_or_name: str | Path, dtype: str | torch.dtype | None, device: str, force_fp16: bool,
+          quant: str | None, cache: bool) -> Gemma:
     from gemmakit.quant import has_fast_bf16
     from gemmakit.weights import converted
 

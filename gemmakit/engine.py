@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from gemmakit.cache import KVCache
+from gemmakit.compiled_decode import capacity_for
 from gemmakit.errors import InputError
 from gemmakit.model import Transformer
 
@@ -62,11 +63,15 @@ def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return logits
 
 
-def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids [B] from last-position logits [B, V]."""
+def choose(logits: torch.Tensor, sampling: Sampling,
+           generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V]. Given one generator per row, row r draws only from
+    generator r, so its sample does not depend on which other rows share the batch."""
     if sampling.greedy:
         return logits.argmax(dim=-1)
     probs = torch.softmax(filter_logits(logits, sampling), dim=-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(probs[r: r + 1], 1, generator=g) for r, g in enumerate(generator)])[:, 0]
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -89,11 +94,14 @@ def generate_tokens(
     sampling: Sampling = Sampling(),
     stop_ids: frozenset[int] = frozenset(),
     max_context: int | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [B] per step, until all rows stopped or `max_new_tokens`.
 
     A row that produced a stop id keeps being fed (its later tokens are ignored by the caller) so the batch
     keeps static shapes; the stop token itself is yielded so the caller can see why the row ended.
+    `row_seeds` (one per prompt, instead of `sampling.seed`) make each row's samples independent of the batch it
+    is in, e.g. so data-parallel ranks sample what one process sampling the whole batch would.
     """
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -101,17 +109,22 @@ def generate_tokens(
     ids, pad = left_pad(prompts, model.config.pad_id)
     if ids.shape[1] > limit:
         raise InputError(f"prompt has {ids.shape[1]} tokens but the model's context is {limit}; shorten the prompt")
-    capacity = min(limit, ids.shape[1] + max_new_tokens)
+    capacity = capacity_for(model, ids.shape[1] + max_new_tokens, limit)
     if max_new_tokens == 0:
         return
     device = model.device
     cache = KVCache(model.config, ids.shape[0], capacity, model.dtype, device)
     cache.pad.copy_(pad)
-    generator = None
-    if sampling.seed is not None:
+    generator: torch.Generator | list[torch.Generator] | None = None
+    if row_seeds is not None:
+        if len(row_seeds) != len(prompts):
+            raise InputError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
+        generator = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+    elif sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    compiled = getattr(model, "compiled_decoder", None)
     with torch.inference_mode():
         logits = model(ids.to(device), cache=cache, last_only=True)[:, -1]
         for step in range(max_new_tokens):
@@ -120,4 +133,7 @@ def generate_tokens(
             done |= torch.isin(token, stops)
             if bool(done.all()) or step == max_new_tokens - 1 or cache.length >= capacity:
                 return
-            logits = model(token.view(-1, 1), cache=cache, last_only=True)[:, -1]
+            if compiled is not None and compiled.usable(cache):
+                logits = compiled.step(token.view(-1, 1), cache)
+            else:
+                logits = model(token.view(-1, 1), cache=cache, last_only=True)[:, -1]

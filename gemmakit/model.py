@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
         """1 + w in fp32. Without autograd it is kept between calls (decoding calls each norm once per token)
         and rebuilt when the weight changes (its version counter, storage or device) or the mode does."""
         w = self.weight
-        if torch.is_grad_enabled() and w.requires_grad:
+        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
             return 1.0 + w.float()
         inference = torch.is_inference_mode_enabled()
         key = (w._version if not w.is_inference() else -1, w.data_ptr(), w.device, inference)

@@ -21,6 +21,7 @@ from gemmakit.train.distill import (
     topk_tail_ce,
     train_distill,
 )
+from gemmakit.train.distributed import World
 from train_helpers import one_thread, save_tiny_model, write_jsonl
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -150,3 +151,30 @@ def test_gkd_on_policy_completions_come_from_the_student(tiny):
     greedy = student.generate_ids([examples[0].ids[:prompt_len]], 5, stop=False)[0]
     completion = generated.ids[prompt_len:]
     assert completion == greedy[: len(completion)] and sum(generated.mask) == len(completion) > 0
+
+
+def test_gkd_draws_depend_on_step_and_global_index_not_on_rank(tiny):
+    """Under torchrun every rank must take the same λ decision (FSDP needs the same collectives everywhere), and
+    rank r's rows (r, r + N, … of the global micro-batch) must get the completions one process samples for them."""
+    student, teacher = gemmakit.load(tiny[0]), gemmakit.load(tiny[1])
+    rows = [{"prompt": q, "completion": a} for q, a in [("Two plus two?", "Four."), ("Say hello.", "Hello."),
+                                                         ("Who is lazy?", "The dog."), ("Is it?", "Yes.")]]
+    examples = encode_rows(rows, student.tokenizer, 64)
+    task = GKDLoss(student.module, teacher.module, student.tokenizer, lmbda=0.5, max_new_tokens=4,
+                   gen_temperature=1.0, seed=3)
+
+    def through_last_target(ids, mask):  # drops the padding (and the data's text after its last target)
+        return list(ids[: max(i for i, m in enumerate(mask) if m) + 1])
+
+    def sequences(step, world):
+        task.begin_step(step, world)
+        ids, mask = task.collate(examples[world.rank::world.size])
+        return [through_last_target(i.tolist(), m.tolist()) for i, m in zip(ids, mask, strict=True)]
+
+    kinds = set()
+    for step in range(6):
+        one = sequences(step, World(0, 1))
+        assert sequences(step, World(0, 2)) == one[0::2] and sequences(step, World(1, 2)) == one[1::2]
+        assert sequences(step, World(0, 1)) == one  # a function of the step alone: what a resumed run draws
+        kinds.add(one == [through_last_target(ex.ids, ex.mask) for ex in examples])
+    assert kinds == {True, False}  # some steps kept the data's completions, some sampled the student's

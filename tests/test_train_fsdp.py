@@ -60,3 +60,26 @@ def test_two_process_fsdp_equals_one_process(tmp_path):
     assert set(a) == set(b)
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_two_process_on_policy_gkd_equals_one_process(tmp_path):
+    """lmbda=1: the (sharded) student samples every micro-batch's completions, at temperature 1, so rows stop at
+    different lengths on different ranks. Draws keyed by the seed, the step and each example's global index make
+    two ranks, stopped after step 2 and resumed from the DCP checkpoint, sample what one process does; the training
+    forward and backward after each generation show that FSDP's state survived it."""
+    student, teacher = save_tiny_model("gemma3", tmp_path / "s", seed=0), save_tiny_model("gemma3", tmp_path / "t", 1)
+    data = write_jsonl(tmp_path / "d.jsonl", "prompt")
+    args = ["train", "distill", str(student), str(data), "--teacher", str(teacher), "--mode", "gkd", "--lmbda", "1",
+            "--gen-temperature", "4", "--max-new-tokens", "32", "--batch-size", "4", "--grad-accum", "2", "--lr",
+            "1e-2", "--schedule", "constant", "--save-every", "1", "--no-progress"]
+    assert main([*args, "--max-steps", "3", "--out", str(tmp_path / "one")]) == 0
+    torchrun([*args, "--max-steps", "2", "--out", str(tmp_path / "two")])
+    torchrun([*args, "--max-steps", "3", "--out", str(tmp_path / "two"), "--resume"])
+    one, two = log(tmp_path / "one"), log(tmp_path / "two")
+    # the target count is the summed length of the sampled completions (some end early at a stop token)
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
+    assert any(r["tokens"] < 8 * 32 for r in one)
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
+    assert len({r["loss"] for r in one}) == 3

@@ -65,7 +65,11 @@ def _common(args: argparse.Namespace) -> dict:
                 max_length=args.max_length)
 
 
-def _summary(history: list[dict]) -> None:
+def _finish(history: list[dict]) -> None:
+    """Leave the process group (under torchrun; every rank is past its last collective), print the last step."""
+    from gemmakit.train.distributed import shutdown
+
+    shutdown()
     if history:
         last = history[-1]
         extra = f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""
@@ -93,7 +97,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     cfg = SFTConfig(**_common(args), lora=_lora(args, default_on=True))
     history = train_sft(model.module, model.tokenizer, read_jsonl(args.data), cfg,
                         read_jsonl(args.eval) if args.eval else None, base_model_name=args.model)
-    _summary(history)
+    _finish(history)
     return 0
 
 
@@ -112,7 +116,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                         lora=_lora(args, default_on=False))
     history = train_distill(student.module, student.tokenizer, read_jsonl(args.data), cfg, teacher,
                             args.topk_file, read_jsonl(args.eval) if args.eval else None)
-    _summary(history)
+    _finish(history)
     return 0
 
 
@@ -163,9 +167,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
     distill.add_argument("--alpha", type=float, default=1.0, help="weight of KD vs hard-label CE (1 = pure KD)")
     distill.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KD loss")
     distill.add_argument("--beta", type=float, default=0.5, help="GKD JSD beta: 0 forward KL, 1 reverse KL")
-    distill.add_argument("--lmbda", type=float, default=0.5, help="GKD: probability the student writes the answer")
+    distill.add_argument("--lmbda", type=float, default=0.5,
+                         help="GKD: probability the student writes the answer (per micro-batch, same on all ranks)")
     distill.add_argument("--max-new-tokens", type=int, default=64, help="GKD: length of student completions")
-    distill.add_argument("--gen-temperature", type=float, default=0.9, help="GKD: sampling temperature")
+    distill.add_argument("--gen-temperature", type=float, default=0.9, help="GKD: sampling temperature (0 = greedy)")
     _add_lora_arguments(distill, default_on=False)
     distill.set_defaults(run=cmd_distill)
 

@@ -20,6 +20,7 @@ the N target positions of all examples in order, `offsets` [n + 1] locating each
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,15 @@ def attach_teacher_topk(examples: Sequence[Example], path: str | Path) -> list[E
     return out
 
 
+def _sharded_modules(module: nn.Module) -> list[Any]:
+    """The FSDP2-sharded submodules of `module` (the decoder blocks under `torchrun`; none in one process)."""
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
 # --- training tasks -----------------------------------------------------------------------------------------------
 @dataclass
 class DistillConfig(TrainConfig):
@@ -235,11 +245,19 @@ class OfflineKDLoss(nn.Module):
 class GKDLoss(nn.Module):
     """On-policy distillation (GKD): with probability λ the student writes the completion for the prompt
     (sampled, no gradient through sampling), else the dataset's completion is used; the loss is JSD(β) between
-    teacher and student at every completion position. The draw uses torch's global RNG, which checkpoints save."""
+    teacher and student at every completion position.
+
+    Every draw is a function of (seed, step, micro-batch, the example's index in the global micro-batch), the step
+    coming from the loop's `begin_step`, never of a per-rank RNG: so all ranks take the same λ decision (under FSDP
+    they must run the same collectives), N processes sample the completions one process would, and a resumed run
+    draws what the uninterrupted one did.
+    """
+
+    fsdp_forward_methods = ("sample",)  # see `shard`: sampling must gather the root's (embedding) parameters
 
     def __init__(self, student: nn.Module, teacher: nn.Module, tokenizer: Any, beta: float = 0.5, lmbda: float = 0.5,
                  max_new_tokens: int = 64, gen_temperature: float = 0.9, temperature: float = 1.0,
-                 chunk_tokens: int = 1024) -> None:
+                 chunk_tokens: int = 1024, seed: int = 0) -> None:
         super().__init__()
         if teacher.config.vocab_size != student.config.vocab_size:
             raise InputError(f"teacher vocabulary {teacher.config.vocab_size} != student vocabulary "
@@ -250,38 +268,75 @@ class GKDLoss(nn.Module):
         self._teacher = [teacher]  # a list: keeps the teacher out of parameters(), state_dict() and FSDP
         self.tokenizer, self.beta, self.lmbda = tokenizer, beta, lmbda
         self.max_new_tokens, self.gen_temperature, self.temperature = max_new_tokens, gen_temperature, temperature
-        self.chunk_tokens = chunk_tokens
+        self.chunk_tokens, self.seed = chunk_tokens, seed
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0
+        self._step, self._micro, self._world = 0, 0, World()
 
     @property
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
+    def begin_step(self, step: int, world: World) -> None:
+        """Called by the training loop before it collates step `step`'s micro-batches (the key of every draw)."""
+        self._step, self._micro, self._world = step, 0, world
+
+    def _draw(self, *key: object) -> random.Random:
+        """A generator for one named draw of the current micro-batch (string seeds hash with SHA-512)."""
+        return random.Random("/".join(map(str, ("gkd", self.seed, self._step, self._micro, *key))))
+
     def collate(self, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.training and float(torch.rand(())) < self.lmbda:
-            examples = self.on_policy(examples)
+        if self.training:
+            if self._draw("lambda").random() < self.lmbda:
+                examples = self.on_policy(examples)
+            self._micro += 1
         ids, mask = collate(examples, self.pad_id)
         return ids, mask
 
     def on_policy(self, examples: Sequence[Example]) -> list[Example]:
         """Replace each completion by one the student samples from the prompt (everything before the first
-        target token); the stop token, when produced, is part of the completion."""
+        target token); the stop token, when produced, is part of the completion. Rank r holds rows r, r + N, …
+        of the global micro-batch (`Batches.next`), and each row's sampling seed comes from that global index."""
+        prompts = [ex.ids[: ex.mask.index(1)] if 1 in ex.mask else ex.ids for ex in examples]
+        world = self._world
+        seeds = [self._draw("row", world.rank + i * world.size).getrandbits(63) for i in range(len(prompts))]
+        with torch.no_grad():
+            outputs = self.sample(prompts, seeds)
+        return [Example(p + o, [0] * len(p) + [1] * len(o)) for p, o in zip(prompts, outputs, strict=True)]
+
+    def sample(self, prompts: list[list[int]], seeds: list[int]) -> list[list[int]]:
+        """The student's completion of each prompt, up to and including its first stop token.
+
+        Under FSDP this runs inside the root's forward hooks (`fsdp_forward_methods`), and the blocks are gathered
+        once and kept whole until the generation ends, as TRL gathers ZeRO-3 weights for generation: no collective
+        runs per decode step, so ranks may stop after different numbers of tokens and no gathered parameter is
+        created under `inference_mode`. The cost is holding the whole student on each device meanwhile.
+        """
         from gemmakit.engine import Sampling, generate_tokens
 
-        prompts = [ex.ids[: ex.mask.index(1)] if 1 in ex.mask else ex.ids for ex in examples]
+        blocks = _sharded_modules(self.model)
+        for block in blocks:
+            block.set_reshard_after_forward(False, recurse=False)
+            block.unshard()
         outputs: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
         stops = self.tokenizer.stop_ids
         was_training = self.model.training
         self.model.eval()
-        sampling = Sampling(temperature=self.gen_temperature) if self.gen_temperature > 0 else Sampling()
-        for step in generate_tokens(self.model, prompts, self.max_new_tokens, sampling, stops):
-            for row, token in enumerate(step.tolist()):
-                if not done[row]:
-                    outputs[row].append(token)
-                    done[row] = token in stops
-        self.model.train(was_training)
-        return [Example(p + o, [0] * len(p) + [1] * len(o)) for p, o in zip(prompts, outputs, strict=True)]
+        greedy = self.gen_temperature <= 0
+        sampling = Sampling() if greedy else Sampling(temperature=self.gen_temperature)
+        try:
+            for step in generate_tokens(self.model, prompts, self.max_new_tokens, sampling, stops,
+                                        row_seeds=None if greedy else seeds):
+                for row, token in enumerate(step.tolist()):
+                    if not done[row]:
+                        outputs[row].append(token)
+                        done[row] = token in stops
+        finally:
+            self.model.train(was_training)
+            for block in blocks:
+                block.reshard()
+                block.set_reshard_after_forward(True, recurse=False)  # `shard`'s setting for blocks
+        return outputs
 
     @staticmethod
     def count(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -343,10 +398,8 @@ def train_distill(student: nn.Module, tokenizer: Any, train_rows: Sequence[dict]
     else:
         if teacher is None:
             raise InputError("on-policy distillation (mode 'gkd') needs a teacher model")
-        if world.distributed and cfg.lmbda > 0:
-            raise InputError("on-policy generation under torchrun is not supported; use lmbda=0 or one process")
         task = GKDLoss(student, teacher, tokenizer, cfg.beta, cfg.lmbda, cfg.max_new_tokens, cfg.gen_temperature,
-                       cfg.temperature, cfg.chunk_tokens)
+                       cfg.temperature, cfg.chunk_tokens, cfg.seed)
     eval_task = CausalLMLoss(student, pad, cfg.chunk_tokens) if not world.distributed else None
     history = train(task, examples, cfg, world, eval_examples, blocks=list(student.model.layers), on_step=on_step,
                     eval_task=eval_task)

@@ -9,6 +9,7 @@ on a batch of N examples and k processes on N/k each compute the same loss and t
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -53,19 +54,35 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Leave the process group once every rank is done with it. Gloo's worker threads outlive the group and free
+    the last collectives' buffers themselves, which needs the GIL: a rank whose interpreter is already tearing down
+    then aborts ("terminate called without an active exception", pytorch/pytorch#179291), so before returning we
+    release the GIL for a moment and let them finish."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        time.sleep(0.1)
+
+
 def shard(task: nn.Module, blocks: list[nn.Module], world: World) -> nn.Module:
     """FSDP2: `fully_shard` each decoder block, then the root (which keeps the tied embedding and final norm,
     so the embedding and the LM head stay one parameter). Gradients are averaged over ranks by FSDP; our
-    losses are pre-multiplied by the world size to turn that mean into the global sum they need."""
+    losses are pre-multiplied by the world size to turn that mean into the global sum they need.
+
+    Methods named in the task's `fsdp_forward_methods` (e.g. GKD's student sampling) get FSDP's forward hooks
+    too: only `forward` gathers the root's parameters otherwise, and the embedding would stay sharded."""
     if not world.distributed:
         return task
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world.size,))
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(task, mesh=mesh)
+    for name in getattr(task, "fsdp_forward_methods", ()):
+        register_fsdp_forward_method(task, name)
     return task
 
 

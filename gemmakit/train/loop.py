@@ -3,6 +3,9 @@
 A *task* is an `nn.Module` that knows how to collate examples and returns `(summed loss, target count)` from
 `forward(batch)`; the loop divides by the global count of the whole optimizer step (all micro-batches, all
 ranks), which is the normalisation that makes accumulation and data parallelism exact (transformers #34191).
+A task may also define `begin_step(step, world)`, called before each optimizer step's micro-batches are collated,
+so that randomness in collation (GKD's on-policy draws) can be a function of the seed and step alone: the same on
+every rank, and reproduced by a resumed run without any RNG state.
 
 Checkpoints use `torch.distributed.checkpoint` in every case (one process included): trainable parameters,
 optimizer and scheduler state, each rank's RNG state, the data position and the loss history. They are written
@@ -179,7 +182,10 @@ def train(task: nn.Module, train_examples: Sequence[Example], cfg: TrainConfig, 
     params = [p for p in task.parameters() if p.requires_grad]
     log = (out / "log.jsonl").open("a") if world.main else None
     bar = _bar(start, cfg.max_steps, cfg.progress and world.main)
+    begin_step = getattr(task, "begin_step", None)
     for step in range(start, cfg.max_steps):
+        if begin_step is not None:
+            begin_step(step, world)
         micro = [task.collate(batches.next(world.rank, world.size)) for _ in range(cfg.grad_accum)]
         counts = torch.tensor(sum(float(task.count(b)) for b in micro), dtype=torch.float64)
         total = all_reduce_sum(counts.to(_reduce_device(world)), world).cpu().clamp(min=1)
