@@ -1,6 +1,6 @@
 """gemmakit vs llama.cpp (llama-cpp-python) vs transformers on the same GGUF, each in its own subprocess.
 
-    python bench/compare.py [--model default] [--threads 2] [--windows 4]
+    python bench/compare.py [--model default] [--threads 2] [--windows 4] [--runners gemmakit,gemmakit-compiled,...]
 
 Figures (issue 3): decode tok/s (batch 1, greedy, 128 new tokens after a ~50-token prompt; prefill excluded),
 prefill tok/s (1024-token prompt, last-position logits only), perplexity on tinyshakespeare (512-token
@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 BANDWIDTH = 24e9  # bytes/s, measured on the 2-core benchmark machine (issue 3)
-RUNNERS = ("gemmakit", "gemmakit-fp32", "llama.cpp", "transformers")
+RUNNERS = ("gemmakit", "gemmakit-compiled", "gemmakit-fp32", "llama.cpp", "transformers")
 
 
 # --- the parent: make tokens, run each runner alone, print the table ---------------------------------------------
@@ -84,18 +84,20 @@ def ratio(a: float | None, b: float | None, digits: int = 2) -> str:
 
 
 def table(results: dict[str, dict]) -> str:
-    g, f32, lc, tf = (results.get(k, {}) for k in RUNNERS)
+    g, gc, f32, lc, tf = (results.get(k, {}) for k in RUNNERS)
     rows = [
-        ("decode tok/s", "decode_tps", 1, [("/llama.cpp", g, lc, False), ("/transformers", g, tf, False)]),
+        ("decode tok/s", "decode_tps", 1, [("/llama.cpp", g, lc, False), ("/transformers", g, tf, False),
+                                           ("compiled/llama.cpp", gc, lc, False)]),
         ("prefill tok/s", "prefill_tps", 0, [("/llama.cpp", g, lc, False), ("/transformers", g, tf, False)]),
         ("perplexity", "ppl", 3, [("/fp32 ref", g, f32, False), ("llama.cpp/fp32 ref", lc, f32, False)]),
         ("load s", "load_s", 2, [("/llama.cpp", g, lc, False)]),
+        ("compile s", "compile_s", 1, []),
         ("peak RSS MB", "rss_mb", 0, [("/llama.cpp", g, lc, False)]),
         ("MB weights/token", "bytes_per_token_mb", 0, []),
         ("decode / bw limit", "bw_fraction", 2, []),
         ("load avg (1 min)", "loadavg_1min", 1, []),
     ]
-    names = list(RUNNERS)
+    names = [n for n in RUNNERS if n in results]
     head = f"| {'figure':<18} | " + " | ".join(f"{n:>13}" for n in names) + " | ratios (gemmakit unless named) |"
     lines = [head, "|" + "---|" * (len(names) + 2)]
     for label, key, digits, ratios in rows:
@@ -180,8 +182,8 @@ def child(name: str, tokens_file: str, result_file: str) -> int:
     import torch
 
     torch.set_num_threads(TOKENS["threads"])
-    result = {"gemmakit": run_gemmakit, "gemmakit-fp32": run_gemmakit_fp32, "llama.cpp": run_llama,
-              "transformers": run_transformers}[name]()
+    result = {"gemmakit": run_gemmakit, "gemmakit-compiled": run_gemmakit_compiled, "gemmakit-fp32": run_gemmakit_fp32,
+              "llama.cpp": run_llama, "transformers": run_transformers}[name]()
     if result.get("bytes_per_token") and result.get("decode_tps"):
         result["bytes_per_token_mb"] = result["bytes_per_token"] / 1e6
         result["bw_fraction"] = result["decode_tps"] / (BANDWIDTH / result["bytes_per_token"])
@@ -211,6 +213,12 @@ def _gemmakit(**load_kw) -> dict:
     load_s = time.perf_counter() - start
     mod = model.module
     n = TOKENS["new_tokens"]
+    compile_s = None
+    if load_kw.get("compile"):  # compile (or fetch from inductor's disk cache) outside the timed run
+        start = time.perf_counter()
+        for _ in generate_tokens(mod, [TOKENS["decode_prompt"]], n):
+            pass
+        compile_s = time.perf_counter() - start
     reset_peak_rss()
     times = []
     for step in generate_tokens(mod, [TOKENS["decode_prompt"]], n):  # greedy, no stop tokens
@@ -233,11 +241,15 @@ def _gemmakit(**load_kw) -> dict:
         ppl = perplexity(window_logits)
     return {"load_s": load_s, "first_load_s": first, "decode_tps": decode_tps, "prefill_tps": ids.shape[1] / best,
             "ppl": ppl, "rss_mb": rss, "bytes_per_token": weight_bytes_per_token(mod),
-            "scheme": str(getattr(mod, "quant_scheme", None))}
+            "scheme": str(getattr(mod, "quant_scheme", None)), "compile_s": compile_s}
 
 
 def run_gemmakit() -> dict:
     return _gemmakit()
+
+
+def run_gemmakit_compiled() -> dict:
+    return _gemmakit(compile=True)
 
 
 def run_gemmakit_fp32() -> dict:
