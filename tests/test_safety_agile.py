@@ -3,9 +3,11 @@ and the guard accepts the result."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
+import torch
 
 from safety_fixtures import WordTokenizer, tiny_model
 
@@ -80,3 +82,17 @@ def test_errors(tmp_path):
         AgileConfig(labels=("Yes", "Yes"))
     with pytest.raises(InputError, match="labelled"):
         train_agile(model, [Example("x", None)], AgileConfig(labels=("No", "Yes")), tokenizer=WordTokenizer())
+
+
+def test_bf16_model_scores_from_fp32_label_logits(tmp_path):
+    """A bf16 model's two label logits are computed in fp32 (bf16 logits would quantise the scores into ties)."""
+    model = tiny_model("gemma2", tmp_path)  # gemma2: the final soft-cap is applied too
+    clf = AgileClassifier(model.to(torch.bfloat16), AgileConfig(labels=("No", "Yes")), tokenizer=WordTokenizer())
+    h = torch.randn(3, model.config.hidden_size).to(torch.bfloat16) * 4
+    got = clf._label_logits(h)
+    reference = copy.deepcopy(model).float()  # the same bf16-rounded weights, held in fp32
+    expected = reference.unembed(h.float()[:, None], rows=torch.tensor(clf.label_ids))[:, 0]
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, expected, atol=1e-5)
+    texts = ["river awful table green music", "quiet", "cloud awful"]  # batched by length, returned in order
+    assert clf.probabilities(texts, batch_size=2) == clf.probabilities(texts[::-1], batch_size=2)[::-1]

@@ -129,3 +129,14 @@ def test_violation_probability_formula():
     assert float(violation_probability(yes, no, alpha=0.1)) == pytest.approx(0.3 / 0.5)
     assert float(violation_probability(yes, no, temperature=2.0)) == pytest.approx(
         math.sqrt(0.2) / (math.sqrt(0.2) + math.sqrt(0.1)))
+
+
+def test_chunks_bound_left_padding(model):
+    """Sorted prefixes go in batches of batch_size, but a much longer one does not drag shorter ones' padding."""
+    from gemmakit.safety.scoring import MAX_PADDING
+
+    clf = ShieldClassifier(model, policies=["hate"], tokenizer=WordTokenizer(), batch_size=3)
+    splits = [50, 51, 52, 53, 60, 60 + MAX_PADDING, 2000]
+    chunks = clf._chunks(list(range(len(splits))), splits)
+    assert chunks == [[0, 1, 2], [3, 4], [5], [6]]
+    assert clf._chunks([], []) == []

@@ -6,9 +6,14 @@ The recipe is the gemma-cookbook `agile_classifiers` notebook: the prompt
 (KerasNLP's `enable_lora`, whose scaling is 1), Adam at 5e-4, batch 2, sequence length 128. The score is the
 softmax over the two label tokens' logits at the last position, P(harmful label), exactly as ShieldGemma's Yes/No.
 
-The loss is cross-entropy of the label token over the full vocabulary at the prediction position. (The notebook's
-Keras `fit` on raw strings may also train on the prompt tokens; only the label matters for the score.) Texts that
-do not fit `max_length` lose their end, not the instruction or the `Prediction:` cue.
+The loss is cross-entropy of the label token over the full vocabulary at the prediction position only: the
+unembedding runs on one position per example, never on every position. (The notebook's Keras `fit` on raw strings
+may also train on the prompt tokens; only the label matters for the score.) Texts that do not fit `max_length` lose
+their end, not the instruction or the `Prediction:` cue.
+
+Precision: the adapters are always fp32 (`apply_lora`'s default), whatever the base model's dtype, so a model
+loaded in bfloat16 trains with frozen bf16 base weights and fp32 LoRA weights and Adam state. On a CPU with
+AVX512-BF16 that is 2.3-2.5x faster per step than fp32 (measured on the 270M, 1 thread) at the same loss.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gemmakit.errors import FormatError, InputError, TokenizerError
 from gemmakit.model import Transformer
@@ -65,6 +71,7 @@ class AgileClassifier:
         self.module: Transformer = model if isinstance(model, Transformer) else model.module
         self.tokenizer: TokenizerLike = tokenizer if tokenizer is not None else model.tokenizer
         self.config, self.threshold = config, threshold
+        self.epoch_losses: list[float] = []  # mean training loss per epoch, filled by train_agile (for reports)
         self.label_ids = []
         for word in config.labels:
             token = self.tokenizer.token_id(word)
@@ -85,20 +92,44 @@ class AgileClassifier:
         return self._head + self.tokenizer.encode(text, add_bos=False)[:room] + self._tail
 
     def _last_hidden(self, texts: Sequence[str]) -> torch.Tensor:
-        ids, last = _right_pad([self.prompt_ids(t) for t in texts], self.module.config.pad_id)
+        return self._hidden_at_cue([self.prompt_ids(t) for t in texts])
+
+    def _hidden_at_cue(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Residual [B, d] at each prompt's last token (right padding: causal attention never sees it)."""
+        ids, last = _right_pad(prompts, self.module.config.pad_id)
         h = self.module.hidden_states(ids.to(self.module.device))
-        return h[torch.arange(len(texts)), last.to(h.device)]
+        return h[torch.arange(len(prompts)), last.to(h.device)]
 
     def probabilities(self, texts: Sequence[str], batch_size: int = 8) -> list[float]:
-        """P(labels[1]) per text: softmax over the two label logits."""
-        out: list[float] = []
-        rows = torch.tensor(self.label_ids, device=self.module.device)
+        """P(labels[1]) per text: softmax over the two label logits.
+
+        Texts are batched in order of length (results come back in input order), so that a batch pads to
+        similar lengths instead of to its longest text.
+        """
+        prompts = [self.prompt_ids(t) for t in texts]
+        out = [0.0] * len(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(prompts[i]))
         with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                h = self._last_hidden(texts[start:start + batch_size])
-                logits = self.module.unembed(h[:, None], rows=rows)[:, 0].float()
-                out += torch.softmax(logits, dim=-1)[:, 1].tolist()
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                logits = self._label_logits(self._hidden_at_cue([prompts[i] for i in chunk]))
+                for i, p in zip(chunk, torch.softmax(logits, dim=-1)[:, 1].tolist(), strict=True):
+                    out[i] = p
         return out
+
+    def _label_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The label tokens' logits [B, 2] in fp32 from last-position residuals [B, d].
+
+        With a bf16 model the final norm and the two unembedding rows run in fp32: bf16 logits keep 8 significant
+        bits (steps of 0.125 between 16 and 32), which can tie different texts' scores and blunt ROC-AUC.
+        """
+        rows = torch.tensor(self.label_ids, device=h.device)
+        emb = self.module.model.embed_tokens
+        if not isinstance(emb, nn.Embedding) or emb.weight.dtype == torch.float32:
+            return self.module.unembed(h[:, None], rows=rows)[:, 0].float()
+        logits = F.linear(self.module.model.norm(h.float()), emb.weight[rows].float())
+        cap = self.module.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _verdict(self, score: float) -> Classification:
         return Classification((PolicyResult(self.config.name, score, self.threshold),))
@@ -146,7 +177,11 @@ class AgileClassifier:
 
 def train_agile(model: Any, examples: Sequence[Example], config: AgileConfig | None = None,
                 tokenizer: TokenizerLike | None = None, progress: bool = False) -> AgileClassifier:
-    """Tune LoRA adapters (query/value projections) so the model answers each example's label word."""
+    """Tune LoRA adapters (query/value projections) so the model answers each example's label word.
+
+    With `progress`, a tqdm bar (stderr) counts optimizer steps with the running loss, and each epoch's mean loss
+    is printed; the losses are kept in `classifier.epoch_losses` either way.
+    """
     from gemmakit.train.lora import LoraConfig, apply_lora, lora_parameters
 
     config = config or AgileConfig()
@@ -161,6 +196,8 @@ def train_agile(model: Any, examples: Sequence[Example], config: AgileConfig | N
     optimizer = torch.optim.Adam(params, lr=config.lr)
     order = random.Random(config.seed)
     targets = torch.tensor(classifier.label_ids, device=module.device)
+    steps_per_epoch = -(-len(data) // config.batch_size)
+    bar = _bar(config.epochs * steps_per_epoch) if progress else None
     module.train()
     try:
         for epoch in range(config.epochs):
@@ -170,14 +207,29 @@ def train_agile(model: Any, examples: Sequence[Example], config: AgileConfig | N
             for start in range(0, len(shuffled), config.batch_size):
                 batch = shuffled[start:start + config.batch_size]
                 h = classifier._last_hidden([text for text, _ in batch])
-                logits = module.unembed(h[:, None])[:, 0].float()
+                logits = module.unembed(h[:, None])[:, 0].float()  # [B, V] at the prediction position only
                 loss = F.cross_entropy(logits, targets[torch.tensor([label for _, label in batch])])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total += float(loss.detach()) * len(batch)
-            if progress:
-                print(f"[agile epoch {epoch + 1}/{config.epochs}: loss {total / len(shuffled):.4f}]", flush=True)
+                if bar is not None:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{total / (start + len(batch)):.4f}", refresh=False)
+                    bar.update(1)
+            classifier.epoch_losses.append(total / len(shuffled))
+            if bar is not None:
+                bar.write(f"[agile epoch {epoch + 1}/{config.epochs}: loss {classifier.epoch_losses[-1]:.4f}]")
     finally:
         module.eval()
+        if bar is not None:
+            bar.close()
     return classifier
+
+
+def _bar(total: int) -> Any:
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="agile training", unit="step", file=sys.stderr, dynamic_ncols=True,
+                mininterval=1.0)
