@@ -108,8 +108,8 @@ class KVCache:
             sliding_k = self.ring_times[: min(start + 1, self.ring_size)].clone()
         elif start == 0:  # fresh prefill: the ring is empty, attend over the chunk itself
             sliding_k = q_times
-        else:
-            sliding_k = torch.cat([self.ring_times, q_times])
+        else:  # a chunk after earlier tokens: the ring's used slots (all of them once it wrapped), then the chunk
+            sliding_k = torch.cat([self.ring_times[: min(start, self.ring_size)], q_times])
         self.length = start + num_new
         return StepPlan(start, num_new, q_times, torch.arange(self.length, device=device), sliding_k, write_first)
 
@@ -134,8 +134,9 @@ class KVCache:
             values[:, :, slot:slot + 1] = v
             used = min(self.length, self.ring_size)
             return keys[:, :, :used], values[:, :, :used]
-        attend_k = k if plan.start == 0 else torch.cat([keys, k], dim=2)
-        attend_v = v if plan.start == 0 else torch.cat([values, v], dim=2)
+        used = min(plan.start, self.ring_size)
+        attend_k = k if plan.start == 0 else torch.cat([keys[:, :, :used], k], dim=2)
+        attend_v = v if plan.start == 0 else torch.cat([values[:, :, :used], v], dim=2)
         keep = min(plan.length, self.ring_size)
         slots = plan.q_times[-keep:] % self.ring_size
         keys[:, :, slots] = k[:, :, -keep:].to(keys.dtype)
