@@ -201,13 +201,12 @@ def _load_converted(path: Path, device: str) -> Gemma:
 
 
 def _quantize_in_memory(source: Path, quant: str) -> Gemma:
-    from gemmakit.quant import fuse_projections, quantize_model
+    from gemmakit.quant import quantize_model
 
     checkpoint = read_checkpoint(source)
     module = build_model(checkpoint.config, checkpoint.state, torch.float32, checkpoint.source)
     del checkpoint.state
-    module = fuse_projections(quantize_model(module, quant))
-    return Gemma(module, checkpoint.tokenizer, checkpoint.source, checkpoint.tensor_types)
+    return Gemma(quantize_model(module, quant), checkpoint.tokenizer, checkpoint.source, checkpoint.tensor_types)
 
 
 def _is_gguf(path_or_name: str | Path) -> bool:

@@ -99,10 +99,6 @@ class LayerInputs:
 
 
 class Attention(nn.Module):
-    # q, k and v projections as one module with concatenated outputs, set (unregistered, so state dicts keep
-    # transformers' names) by `gemmakit.quant.fuse_projections`: one decode matmul instead of three
-    fused_qkv: nn.Module | None = None
-
     def __init__(self, config: GemmaConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -124,14 +120,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, inputs: LayerInputs, cache: KVCache | None,
                 plan: StepPlan | None) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.fused_qkv is not None:
-            kv = self.num_kv_heads * self.head_dim
-            q, k, v = self.fused_qkv(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, inputs.cos, inputs.signed_sin), apply_rope(k, inputs.cos, inputs.signed_sin)
@@ -164,8 +155,6 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
 
-    fused_gate_up: nn.Module | None = None  # gate and up as one module, as `Attention.fused_qkv`
-
     def __init__(self, config: GemmaConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -173,11 +162,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gate_up is not None:
-            gate, up = self.fused_gate_up(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
 class Block(nn.Module):

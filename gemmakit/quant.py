@@ -334,31 +334,6 @@ def quantize_model(model: nn.Module, mode: str | Scheme, dtype: torch.dtype = to
     return model
 
 
-def fuse_projections(model: nn.Module) -> nn.Module:
-    """Give each block one int8 matmul for q, k, v and one for gate, up (see `Attention.fused_qkv`).
-
-    Why: at decode time the 270M's k and v projections are 256 x 640 (160 KB); a matmul that small costs more in
-    call and thread start-up than in reading weights, and two threads barely share it. Fused, a layer runs 4
-    decode matmuls instead of 7 (measured, 18 layers, 2 threads: 5.6 -> 4.7 ms a token). The originals keep
-    their names and now hold views into the fused buffers, so no weight is stored twice and state dicts keep
-    transformers' names. Only layers that are all `Int8Linear` are fused; the values are unchanged.
-    """
-    for block in model.model.layers:
-        for parent, names, attr in ((block.self_attn, ("q_proj", "k_proj", "v_proj"), "fused_qkv"),
-                                    (block.mlp, ("gate_proj", "up_proj"), "fused_gate_up")):
-            parts = [getattr(parent, name) for name in names]
-            if not all(isinstance(p, Int8Linear) for p in parts):
-                continue
-            fused = Int8Linear(torch.cat([p.weight_int8 for p in parts]), torch.cat([p.scales for p in parts]))
-            start = 0
-            for p in parts:
-                p.weight_int8 = fused.weight_int8[start:start + p.out_features]
-                p.scales = fused.scales[start:start + p.out_features]
-                start += p.out_features
-            object.__setattr__(parent, attr, fused)  # unregistered: not a second copy in state_dict()
-    return model
-
-
 def count_convertible(model: nn.Module) -> int:
     """How many tensors `quantize_model` converts (the length of its progress bar)."""
     return sum(1 for m in model.modules() if isinstance(m, nn.Linear)) + 1
@@ -406,7 +381,7 @@ def build_quantized(config, state: dict[str, torch.Tensor], dtype: torch.dtype =
     model.load_state_dict(state, assign=True, strict=True)
     model.inv_freq_local = _rope_buffer(config, local=True, device="cpu")
     model.inv_freq_global = _rope_buffer(config, local=False, device="cpu")
-    return fuse_projections(model.eval().requires_grad_(False))
+    return model.eval().requires_grad_(False)
 
 
 def _linear_from_state(state: dict[str, torch.Tensor], prefix: str) -> nn.Module:

@@ -116,24 +116,6 @@ def test_converted_file_reloads_identically(tiny_dir, tmp_path):
     assert saved.tokenizer.encode("hello world") == fresh.tokenizer.encode("hello world")
 
 
-def test_fused_projections_change_no_value_and_no_name(tiny_dir):
-    """One int8 matmul for q/k/v and one for gate/up: same logits bit for bit (decode rows and dense rows), same
-    state-dict names, and the unfused layers become views into the fused weights (nothing stored twice)."""
-    from gemmakit.quant import fuse_projections, quantize_model
-
-    plain = quantize_model(gemmakit.load(tiny_dir, dtype="float32").module, "int8")
-    fused = fuse_projections(quantize_model(gemmakit.load(tiny_dir, dtype="float32").module, "int8"))
-    attn = fused.model.layers[0].self_attn
-    assert attn.fused_qkv is not None and fused.model.layers[0].mlp.fused_gate_up is not None
-    storage = attn.fused_qkv.weight_int8.untyped_storage().data_ptr()
-    assert attn.k_proj.weight_int8.untyped_storage().data_ptr() == storage
-    assert plain.state_dict().keys() == fused.state_dict().keys()
-    ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        assert torch.equal(plain(ids), fused(ids))  # 40 rows: the dense path
-        assert torch.equal(plain(ids[:, :1]), fused(ids[:, :1]))  # one row each: the int8 decode kernel
-
-
 def test_cache_is_used_and_keyed_by_the_file(tiny_dir, tmp_path):
     first = gemmakit.load(tiny_dir, quant="int8")
     files = list((tmp_path / "cache").glob("*.safetensors"))
