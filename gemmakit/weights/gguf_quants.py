@@ -193,20 +193,21 @@ def _q3_k(b: torch.Tensor, out: torch.Tensor) -> None:
     torch.mul(dl, q, out=out.view(-1, 16, 16))
 
 
-def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
+def _sub_block_scales_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K and Q5_K's per-sub-block multiplier and offset, (n, 8, 1) each: value = dl * q - ml."""
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
-    dl = (d * sc).reshape(-1, 8, 1)
-    ml = (dmin * mn).reshape(-1, 8, 1)
+    return (d * sc).reshape(-1, 8, 1), (dmin * mn).reshape(-1, 8, 1)
+
+
+def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
+    dl, ml = _sub_block_scales_k4(b)
     q = _nibbles(b[:, 16:144].reshape(-1, 4, 32)).reshape(-1, 8, 32)
     torch.sub(dl * q, ml, out=out.view(-1, 8, 32))
 
 
 def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
-    d, dmin = _f16(b, 0), _f16(b, 2)
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    dl = (d * sc).reshape(-1, 8, 1)
-    ml = (dmin * mn).reshape(-1, 8, 1)
+    dl, ml = _sub_block_scales_k4(b)
     ql = _nibbles(b[:, 48:176].reshape(-1, 4, 32)).reshape(-1, 8, 32)
     qh = _split_bits(b[:, 16:48], tuple(range(8)), 0x01).reshape(-1, 8, 32)
     torch.sub(dl * (ql | (qh << 4)), ml, out=out.view(-1, 8, 32))
