@@ -40,6 +40,7 @@ class StepPlan:
     global_k_times: torch.Tensor
     sliding_k_times: torch.Tensor
     sliding_write_first: bool
+    ring_used: int  # leading ring slots sliding layers attend over (times 0.. fill slots 0.. until the ring wraps)
 
 
 def storage_dtype(dtype: torch.dtype, device: torch.device | str | None) -> torch.dtype:
@@ -102,16 +103,18 @@ class KVCache:
         device = self.ring_times.device
         q_times = torch.arange(start, start + num_new, device=device)
         write_first = num_new == 1
+        # the used slots, not the empty rest: one new key is written first, a chunk after the ring is read
+        ring_used = min(start + 1 if write_first else start, self.ring_size)
         if write_first:  # one new key replaces the slot that just left the window: attend over the ring alone
             self.ring_times[start % self.ring_size] = start
-            # until the ring wraps, times 0..start fill slots 0..start: attend over those, not the empty rest
-            sliding_k = self.ring_times[: min(start + 1, self.ring_size)].clone()
+            sliding_k = self.ring_times[:ring_used].clone()
         elif start == 0:  # fresh prefill: the ring is empty, attend over the chunk itself
             sliding_k = q_times
-        else:  # a chunk after earlier tokens: the ring's used slots (all of them once it wrapped), then the chunk
-            sliding_k = torch.cat([self.ring_times[: min(start, self.ring_size)], q_times])
+        else:  # a chunk after earlier tokens: the ring's used slots, then the chunk
+            sliding_k = torch.cat([self.ring_times[:ring_used], q_times])
         self.length = start + num_new
-        return StepPlan(start, num_new, q_times, torch.arange(self.length, device=device), sliding_k, write_first)
+        return StepPlan(start, num_new, q_times, torch.arange(self.length, device=device), sliding_k, write_first,
+                        ring_used)
 
     def finish(self, plan: StepPlan) -> None:
         """After all layers ran: record which times the ring now holds (multi-token steps write at the end)."""
@@ -132,11 +135,9 @@ class KVCache:
             slot = plan.start % self.ring_size
             keys[:, :, slot:slot + 1] = k
             values[:, :, slot:slot + 1] = v
-            used = min(self.length, self.ring_size)
-            return keys[:, :, :used], values[:, :, :used]
-        used = min(plan.start, self.ring_size)
-        attend_k = k if plan.start == 0 else torch.cat([keys[:, :, :used], k], dim=2)
-        attend_v = v if plan.start == 0 else torch.cat([values[:, :, :used], v], dim=2)
+            return keys[:, :, :plan.ring_used], values[:, :, :plan.ring_used]
+        attend_k = k if plan.start == 0 else torch.cat([keys[:, :, :plan.ring_used], k], dim=2)
+        attend_v = v if plan.start == 0 else torch.cat([values[:, :, :plan.ring_used], v], dim=2)
         keep = min(plan.length, self.ring_size)
         slots = plan.q_times[-keep:] % self.ring_size
         keys[:, :, slots] = k[:, :, -keep:].to(keys.dtype)

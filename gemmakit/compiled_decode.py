@@ -90,7 +90,7 @@ class CompiledDecoder:
     def step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, V] for one new token per row; advances `cache` exactly as an eager forward would."""
         for sliding in (False, True):  # grow the rope tables outside the graph, never inside it
-            self.model._rope_lookup(torch.zeros(1, 1, dtype=torch.long), sliding, cache.capacity)
+            self.model.rope_table(sliding, cache.capacity)
         now = cache.length
         time = torch.tensor([now], device=cache.pad.device)
         logits = self._compiled(self.model, ids, time, cache)

@@ -133,12 +133,13 @@ class Attention(nn.Module):
         return self.o_proj(_through(self.attn_out, out))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if q.dtype != torch.float32 and q.device.type == "cpu":  # see gemmakit.cpu_attention for why
-            if q.shape[2] == 1:
-                return decode_attention(q, k, v, mask, self.scale, self.softcap)
-            return blocked_attention(q, k.to(q.dtype), v.to(q.dtype), mask, self.scale, self.softcap)
-        if k.dtype != q.dtype:
+        reduced_cpu = q.dtype != torch.float32 and q.device.type == "cpu"  # see gemmakit.cpu_attention for why
+        if reduced_cpu and q.shape[2] == 1:
+            return decode_attention(q, k, v, mask, self.scale, self.softcap)
+        if k.dtype != q.dtype:  # a CPU cache keeps a bf16 model's k/v in fp32 (exact values, see KVCache)
             k, v = k.to(q.dtype), v.to(q.dtype)
+        if reduced_cpu:
+            return blocked_attention(q, k, v, mask, self.scale, self.softcap)
         if self.softcap is None:  # Gemma 1/3: no cap, so the fused kernel computes the same function
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                   enable_gqa=self.num_heads != self.num_kv_heads)
@@ -277,7 +278,12 @@ class Transformer(nn.Module):
         return self.unembed(h[:, -1:] if last_only else h)
 
     def _rope_lookup(self, positions: torch.Tensor, sliding: bool, need: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/signed sin [B, 1, T, D] for `positions`, read from a table grown on demand (doubling).
+        """cos/signed sin [B, 1, T, D] for `positions`, read from `rope_table(sliding, need)`."""
+        cos, signed_sin = self.rope_table(sliding, need)
+        return cos[positions].unsqueeze(1), signed_sin[positions].unsqueeze(1)
+
+    def rope_table(self, sliding: bool, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/signed sin [S, D] for positions 0..S-1, S >= `need`, from a table grown on demand (doubling).
 
         The table holds exactly what `rope_cos_sin` computes (same fp32 product, same cos/sin), so this only
         saves the per-step trigonometry of decoding, never changes a value. `need` bounds the positions (a
@@ -290,7 +296,7 @@ class Transformer(nn.Module):
             size = 1 << max(need - 1, 63).bit_length()
             cos, sin = rope_cos_sin(torch.arange(size, device=inv.device).view(1, -1), inv)
             table = tables[sliding] = (cos[0, 0], sin[0, 0])
-        return table[0][positions].unsqueeze(1), table[1][positions].unsqueeze(1)
+        return table
 
     def hidden_states(
         self,
