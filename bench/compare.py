@@ -26,7 +26,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 BANDWIDTH = 24e9  # bytes/s, measured on the 2-core benchmark machine (issue 3)
-RUNNERS = ("gemmakit", "gemmakit-compiled", "gemmakit-fp32", "llama.cpp", "transformers")
+# gemmakit: default load (int8, native decode step); -eager: the same model decoded by torch ops
+RUNNERS = ("gemmakit", "gemmakit-eager", "gemmakit-compiled", "gemmakit-fp32", "llama.cpp", "transformers")
 
 
 # --- the parent: make tokens, run each runner alone, print the table ---------------------------------------------
@@ -84,10 +85,10 @@ def ratio(a: float | None, b: float | None, digits: int = 2) -> str:
 
 
 def table(results: dict[str, dict]) -> str:
-    g, gc, f32, lc, tf = (results.get(k, {}) for k in RUNNERS)
+    g, ge, gc, f32, lc, tf = (results.get(k, {}) for k in RUNNERS)
     rows = [
         ("decode tok/s", "decode_tps", 1, [("/llama.cpp", g, lc, False), ("/transformers", g, tf, False),
-                                           ("compiled/llama.cpp", gc, lc, False)]),
+                                           ("eager/llama.cpp", ge, lc, False), ("compiled/llama.cpp", gc, lc, False)]),
         ("prefill tok/s", "prefill_tps", 0, [("/llama.cpp", g, lc, False), ("/transformers", g, tf, False)]),
         ("perplexity", "ppl", 3, [("/fp32 ref", g, f32, False), ("llama.cpp/fp32 ref", lc, f32, False)]),
         ("load s", "load_s", 2, [("/llama.cpp", g, lc, False)]),
@@ -182,8 +183,10 @@ def child(name: str, tokens_file: str, result_file: str) -> int:
     import torch
 
     torch.set_num_threads(TOKENS["threads"])
-    result = {"gemmakit": run_gemmakit, "gemmakit-compiled": run_gemmakit_compiled, "gemmakit-fp32": run_gemmakit_fp32,
-              "llama.cpp": run_llama, "transformers": run_transformers}[name]()
+    runners = {"gemmakit": run_gemmakit, "gemmakit-eager": run_gemmakit_eager,
+               "gemmakit-compiled": run_gemmakit_compiled, "gemmakit-fp32": run_gemmakit_fp32,
+               "llama.cpp": run_llama, "transformers": run_transformers}
+    result = runners[name]()
     if result.get("bytes_per_token") and result.get("decode_tps"):
         result["bytes_per_token_mb"] = result["bytes_per_token"] / 1e6
         result["bw_fraction"] = result["decode_tps"] / (BANDWIDTH / result["bytes_per_token"])
@@ -245,6 +248,11 @@ def _gemmakit(**load_kw) -> dict:
 
 
 def run_gemmakit() -> dict:
+    return _gemmakit()
+
+
+def run_gemmakit_eager() -> dict:
+    os.environ["GEMMAKIT_NATIVE"] = "0"
     return _gemmakit()
 
 

@@ -144,6 +144,9 @@ def load(path_or_name: str | Path = "default", dtype: str | torch.dtype | None =
       on CPU with bf16 activations. The conversion is cached under `$GEMMAKIT_CACHE` (default
       ~/.cache/gemmakit) keyed by the file's fingerprint, so only the first load pays for it (`cache=False`
       converts in memory and writes nothing).
+    - Int8 models on CPU (the default GGUF path included) decode through gemmakit's native step
+      (`gemmakit.native_decode`: all layers in one C++ call, compiled on first use in a few seconds;
+      `GEMMAKIT_NATIVE=0` turns it off).
     - `compile=True`: generation decodes through a torch.compile'd step (`gemmakit.compiled_decode`): less
       per-token overhead, for a compilation the first time each batch size and cache bucket is decoded.
     """
@@ -152,6 +155,10 @@ def load(path_or_name: str | Path = "default", dtype: str | torch.dtype | None =
         from gemmakit import compiled_decode
 
         compiled_decode.enable(model.module)
+    else:
+        from gemmakit import native_decode
+
+        native_decode.enable(model.module)  # int8 models on CPU only; the others keep the eager step
     return model
 
 

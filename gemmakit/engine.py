@@ -124,7 +124,8 @@ def generate_tokens(
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    compiled = getattr(model, "compiled_decoder", None)
+    # a step decoder (torch.compile'd if asked for, else the native int8 step) when it can take this cache
+    decoder = getattr(model, "compiled_decoder", None) or getattr(model, "native_decoder", None)
     with torch.inference_mode():
         logits = model(ids.to(device), cache=cache, last_only=True)[:, -1]
         for step in range(max_new_tokens):
@@ -133,7 +134,7 @@ def generate_tokens(
             done |= torch.isin(token, stops)
             if bool(done.all()) or step == max_new_tokens - 1 or cache.length >= capacity:
                 return
-            if compiled is not None and compiled.usable(cache):
-                logits = compiled.step(token.view(-1, 1), cache)
+            if decoder is not None and decoder.usable(cache):
+                logits = decoder.step(token.view(-1, 1), cache)
             else:
                 logits = model(token.view(-1, 1), cache=cache, last_only=True)[:, -1]

@@ -1,0 +1,358 @@
+// One decode step of a Gemma model with int8 weight-only linears, all layers in one OpenMP region.
+//
+// Why this exists: decoding one token of a small Gemma through torch runs ~1,500 small ops, and their
+// dispatch costs about as much as reading every weight. Here each layer is a handful of loops over raw
+// pointers: int8 x fp32 dot products (weights read once, at memory speed), norms, rope, attention over the
+// KV cache and GeGLU, with threads meeting at barriers instead of being forked and joined per op.
+//
+// Numerics: activations stay fp32 from the embedding to the final residual (torch's quantised path rounds
+// them to bf16 between ops); weights are w = q * scale exactly as `gemmakit.quant.Int8Linear` defines them.
+// So this step computes the fp32 model whose weights are the dequantised int8 ones, to fp32 rounding.
+// The caller embeds the token and applies the final norm and LM head (see gemmakit/native_decode.py).
+//
+// Built by gemmakit.native_decode with g++ -O3 -march=native -fopenmp and called through ctypes; the
+// OpenMP runtime it links is the one torch has already loaded (same soname), so threads are shared.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+extern "C" {
+
+// One layer's tensors. Norm multipliers are (1 + w) in fp32; absent ones are null.
+struct GkLayer {
+  const int8_t *wq, *wk, *wv, *wo, *wg, *wu, *wd;
+  const float *sq, *sk, *sv, *so, *sg, *su, *sd;
+  const float *input_norm, *post_attn_norm, *pre_ffw_norm, *post_ffw_norm, *q_norm, *k_norm;
+  float *keys, *values;  // [B, kv_heads, slots, head_dim]
+  int64_t slots;         // capacity for global layers, ring size for sliding ones
+  int64_t sliding;
+};
+
+struct GkModel {
+  int64_t batch, hidden, heads, kv_heads, head_dim, intermediate, num_layers;
+  int64_t sandwich;    // Gemma 2/3: norms after attention and MLP too
+  float eps, scale, attn_softcap;  // softcap <= 0: none
+  const GkLayer* layers;
+  const float *cos_local, *sin_local, *cos_global, *sin_global;  // [positions, head_dim]; sin carries rope's sign
+  const int64_t* pad;         // [B] left padding of each row
+  const int64_t* ring_times;  // [ring size] time held by each sliding slot (-1: empty)
+};
+
+}  // extern "C"
+
+namespace {
+
+// --- vector helpers -------------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+// exp(x) for 16 floats: Cephes' range reduction and degree-5 polynomial (about 1 ulp), then scalef by 2^n.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.0f;
+#if defined(__AVX512F__)
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+  }
+  for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+  sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// y += alpha * x
+void axpy(float alpha, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 va = _mm512_set1_ps(alpha);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// out = x / rms(x) * mult, over n values (mult is 1 + w)
+void rms_norm(const float* x, const float* mult, float eps, float* out, int64_t n) {
+  float inv = 1.0f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inv * mult[i];
+}
+
+// gelu_tanh(g) * u, written as g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3)) * u
+void geglu(const float* g, const float* u, float* out, int64_t n) {
+  const float c = 2.0f * 0.7978845608028654f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 vc = _mm512_set1_ps(c), vk = _mm512_set1_ps(0.044715f), one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= n; i += 16) {
+    __m512 x = _mm512_loadu_ps(g + i);
+    __m512 inner = _mm512_mul_ps(vc, _mm512_fmadd_ps(_mm512_mul_ps(vk, x), _mm512_mul_ps(x, x), x));
+    __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), inner))));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(x, sig), _mm512_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) {
+    float x = g[i];
+    out[i] = x / (1.0f + std::exp(-c * (x + 0.044715f * x * x * x))) * u[i];
+  }
+}
+
+// p = softmax(s) over n values, in place
+void softmax(float* s, int64_t n) {
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) mx = s[i] > mx ? s[i] : mx;
+  float sum = 0.0f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 vmx = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), vmx));
+    _mm512_storeu_ps(s + i, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  sum = _mm512_reduce_add_ps(vsum);
+#endif
+  for (; i < n; ++i) {
+    s[i] = std::exp(s[i] - mx);
+    sum += s[i];
+  }
+  float inv = 1.0f / sum;
+  for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+}
+
+// --- int8 weight-only matrix-vector products --------------------------------------------------------------------
+// One job: y[m, n] = scale[n] * sum_k w[n, k] x[m, k] for rows n of one [rows, cols] int8 matrix.
+struct MatVec {
+  const int8_t* w;
+  const float* scale;
+  int64_t rows, cols;
+  const float* x;  // [batch, cols]
+  float* y;        // [batch, rows]
+};
+
+#if defined(__AVX512F__)
+inline __m512 load_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+// Four rows starting at n against every activation row: each weight is converted once and used `batch` times.
+void four_rows(const MatVec& job, int64_t n, int64_t batch) {
+  const int64_t k = job.cols;
+  const int8_t* w0 = job.w + n * k;
+  for (int64_t m = 0; m < batch; ++m) {
+    const float* x = job.x + m * k;
+    float sums[4] = {0, 0, 0, 0};
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; i + 16 <= k; i += 16) {
+      __m512 xv = _mm512_loadu_ps(x + i);
+      a0 = _mm512_fmadd_ps(load_i8(w0 + i), xv, a0);
+      a1 = _mm512_fmadd_ps(load_i8(w0 + k + i), xv, a1);
+      a2 = _mm512_fmadd_ps(load_i8(w0 + 2 * k + i), xv, a2);
+      a3 = _mm512_fmadd_ps(load_i8(w0 + 3 * k + i), xv, a3);
+    }
+    sums[0] = _mm512_reduce_add_ps(a0);
+    sums[1] = _mm512_reduce_add_ps(a1);
+    sums[2] = _mm512_reduce_add_ps(a2);
+    sums[3] = _mm512_reduce_add_ps(a3);
+#endif
+    for (; i < k; ++i)
+      for (int r = 0; r < 4; ++r) sums[r] += static_cast<float>(w0[r * k + i]) * x[i];
+    for (int r = 0; r < 4; ++r) job.y[m * job.rows + n + r] = sums[r] * job.scale[n + r];
+  }
+}
+
+void one_row(const MatVec& job, int64_t n, int64_t batch) {
+  const int8_t* w = job.w + n * job.cols;
+  for (int64_t m = 0; m < batch; ++m) {
+    const float* x = job.x + m * job.cols;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < job.cols; ++i) sum += static_cast<float>(w[i]) * x[i];
+    job.y[m * job.rows + n] = sum * job.scale[n];
+  }
+}
+
+// Share the rows of several matrices among the team's threads (called by every thread of the region).
+void matvecs(const MatVec* jobs, int count, int64_t batch) {
+  int64_t blocks = 0;
+  for (int j = 0; j < count; ++j) blocks += (jobs[j].rows + 3) / 4;
+#pragma omp for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    int64_t rest = b;
+    int j = 0;
+    while (rest >= (jobs[j].rows + 3) / 4) rest -= (jobs[j++].rows + 3) / 4;
+    const MatVec& job = jobs[j];
+    int64_t n = rest * 4;
+    if (n + 4 <= job.rows) {
+      four_rows(job, n, batch);
+    } else {
+      for (; n < job.rows; ++n) one_row(job, n, batch);
+    }
+  }
+}
+
+// --- attention ------------------------------------------------------------------------------------------------
+// May row `b` at time `now` see the key held at `time`? (the cache's causal and padding rules; the window needs
+// no test: a sliding layer's ring has at most `window` slots, so it only ever holds the last `window` times)
+inline bool visible(const GkModel& m, int64_t b, int64_t time, int64_t now) {
+  if (time < 0 || time > now) return false;
+  return time >= m.pad[b] || time == now;
+}
+
+void attend_head(const GkModel& m, const GkLayer& layer, int64_t b, int64_t head, int64_t now, const float* q,
+                 float* out, std::vector<float>& scores, std::vector<int64_t>& slots) {
+  const int64_t d = m.head_dim, kv = head / (m.heads / m.kv_heads);
+  const bool sliding = layer.sliding != 0;
+  const int64_t used = sliding ? (now + 1 < layer.slots ? now + 1 : layer.slots) : now + 1;
+  const float* keys = layer.keys + (b * m.kv_heads + kv) * layer.slots * d;
+  const float* values = layer.values + (b * m.kv_heads + kv) * layer.slots * d;
+  scores.clear();
+  slots.clear();
+  for (int64_t s = 0; s < used; ++s) {
+    int64_t time = sliding ? m.ring_times[s] : s;
+    if (!visible(m, b, time, now)) continue;
+    float score = dot(q, keys + s * d, d) * m.scale;
+    if (m.attn_softcap > 0) score = std::tanh(score / m.attn_softcap) * m.attn_softcap;
+    scores.push_back(score);
+    slots.push_back(s);
+  }
+  softmax(scores.data(), static_cast<int64_t>(scores.size()));
+  std::memset(out, 0, sizeof(float) * d);
+  for (size_t i = 0; i < scores.size(); ++i) axpy(scores[i], values + slots[i] * d, out, d);
+}
+
+// x * cos + roll(x, d/2) * signed_sin, in place, for one head
+void rope(float* x, const float* cos, const float* sin, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    float lo = x[i], hi = x[i + half];
+    x[i] = lo * cos[i] + hi * sin[i];
+    x[i + half] = hi * cos[i + half] + lo * sin[i + half];
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Advance every row of `h` ([B, hidden] fp32, updated in place) through all layers at time `now`, writing
+// this step's keys and values into the cache. The caller has already put `now` into the ring's slot.
+int gk_decode_step(const GkModel* model, float* h, int64_t now, int threads) {
+  const GkModel& m = *model;
+  const int64_t B = m.batch, D = m.hidden, hd = m.head_dim, I = m.intermediate;
+  const int64_t qd = m.heads * hd, kvd = m.kv_heads * hd;
+  std::vector<float> xn(B * D), q(B * qd), k(B * kvd), v(B * kvd), att(B * qd), o(B * D);
+  std::vector<float> gate(B * I), up(B * I), act(B * I), down(B * D);
+  std::vector<int64_t> pos(B);
+  for (int64_t b = 0; b < B; ++b) pos[b] = now - m.pad[b] > 0 ? now - m.pad[b] : 0;
+
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scores;
+    std::vector<int64_t> slots;
+    for (int64_t l = 0; l < m.num_layers; ++l) {
+      const GkLayer& L = m.layers[l];
+      const float* cos = L.sliding ? m.cos_local : m.cos_global;
+      const float* sin = L.sliding ? m.sin_local : m.sin_global;
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) rms_norm(h + b * D, L.input_norm, m.eps, xn.data() + b * D, D);
+
+      const MatVec qkv[3] = {{L.wq, L.sq, qd, D, xn.data(), q.data()},
+                             {L.wk, L.sk, kvd, D, xn.data(), k.data()},
+                             {L.wv, L.sv, kvd, D, xn.data(), v.data()}};
+      matvecs(qkv, 3, B);
+
+      // q/k norms and rope per head; k and v go into the cache
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < B * (m.heads + m.kv_heads); ++t) {
+        const int64_t b = t / (m.heads + m.kv_heads), head = t % (m.heads + m.kv_heads);
+        const bool is_q = head < m.heads;
+        float* x = is_q ? q.data() + b * qd + head * hd : k.data() + b * kvd + (head - m.heads) * hd;
+        const float* norm = is_q ? L.q_norm : L.k_norm;
+        if (norm != nullptr) rms_norm(x, norm, m.eps, x, hd);
+        rope(x, cos + pos[b] * hd, sin + pos[b] * hd, hd);
+        if (!is_q) {
+          const int64_t kvh = head - m.heads;
+          const int64_t slot = L.sliding ? now % L.slots : now;
+          const int64_t at = ((b * m.kv_heads + kvh) * L.slots + slot) * hd;
+          std::memcpy(L.keys + at, x, sizeof(float) * hd);
+          std::memcpy(L.values + at, v.data() + b * kvd + kvh * hd, sizeof(float) * hd);
+        }
+      }
+
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < B * m.heads; ++t) {
+        const int64_t b = t / m.heads, head = t % m.heads;
+        attend_head(m, L, b, head, now, q.data() + b * qd + head * hd, att.data() + b * qd + head * hd, scores,
+                    slots);
+      }
+
+      const MatVec out_proj[1] = {{L.wo, L.so, D, qd, att.data(), o.data()}};
+      matvecs(out_proj, 1, B);
+
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        float* hb = h + b * D;
+        float* ob = o.data() + b * D;
+        if (m.sandwich) {
+          rms_norm(ob, L.post_attn_norm, m.eps, ob, D);
+          for (int64_t i = 0; i < D; ++i) hb[i] += ob[i];
+          rms_norm(hb, L.pre_ffw_norm, m.eps, xn.data() + b * D, D);
+        } else {
+          for (int64_t i = 0; i < D; ++i) hb[i] += ob[i];
+          rms_norm(hb, L.post_attn_norm, m.eps, xn.data() + b * D, D);
+        }
+      }
+
+      const MatVec gate_up[2] = {{L.wg, L.sg, I, D, xn.data(), gate.data()},
+                                 {L.wu, L.su, I, D, xn.data(), up.data()}};
+      matvecs(gate_up, 2, B);
+
+      const int64_t chunks = (B * I + 255) / 256;
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t start = c * 256, n = start + 256 <= B * I ? 256 : B * I - start;
+        geglu(gate.data() + start, up.data() + start, act.data() + start, n);
+      }
+
+      const MatVec down_proj[1] = {{L.wd, L.sd, D, I, act.data(), down.data()}};
+      matvecs(down_proj, 1, B);
+
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        float* hb = h + b * D;
+        float* db = down.data() + b * D;
+        if (m.sandwich) rms_norm(db, L.post_ffw_norm, m.eps, db, D);
+        for (int64_t i = 0; i < D; ++i) hb[i] += db[i];
+      }
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"
