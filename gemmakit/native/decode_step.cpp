@@ -159,60 +159,40 @@ inline __m512 load_i8(const int8_t* p) {
 }
 #endif
 
-// Four rows starting at n against every activation row: each weight is converted once and used `batch` times.
-void four_rows(const MatVec& job, int64_t n, int64_t batch) {
+// Row n against every activation row. One row at a time, so the weights are read as one sequential stream:
+// interleaving four rows (four streams 640 bytes apart) was measured 1.7x slower on the 270M's layers.
+void one_row(const MatVec& job, int64_t n, int64_t batch) {
   const int64_t k = job.cols;
-  const int8_t* w0 = job.w + n * k;
+  const int8_t* w = job.w + n * k;
   for (int64_t m = 0; m < batch; ++m) {
     const float* x = job.x + m * k;
-    float sums[4] = {0, 0, 0, 0};
+    float sum = 0.0f;
     int64_t i = 0;
 #if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; i + 16 <= k; i += 16) {
-      __m512 xv = _mm512_loadu_ps(x + i);
-      a0 = _mm512_fmadd_ps(load_i8(w0 + i), xv, a0);
-      a1 = _mm512_fmadd_ps(load_i8(w0 + k + i), xv, a1);
-      a2 = _mm512_fmadd_ps(load_i8(w0 + 2 * k + i), xv, a2);
-      a3 = _mm512_fmadd_ps(load_i8(w0 + 3 * k + i), xv, a3);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; i + 32 <= k; i += 32) {
+      a0 = _mm512_fmadd_ps(load_i8(w + i), _mm512_loadu_ps(x + i), a0);
+      a1 = _mm512_fmadd_ps(load_i8(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
     }
-    sums[0] = _mm512_reduce_add_ps(a0);
-    sums[1] = _mm512_reduce_add_ps(a1);
-    sums[2] = _mm512_reduce_add_ps(a2);
-    sums[3] = _mm512_reduce_add_ps(a3);
+    for (; i + 16 <= k; i += 16) a0 = _mm512_fmadd_ps(load_i8(w + i), _mm512_loadu_ps(x + i), a0);
+    sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #endif
-    for (; i < k; ++i)
-      for (int r = 0; r < 4; ++r) sums[r] += static_cast<float>(w0[r * k + i]) * x[i];
-    for (int r = 0; r < 4; ++r) job.y[m * job.rows + n + r] = sums[r] * job.scale[n + r];
-  }
-}
-
-void one_row(const MatVec& job, int64_t n, int64_t batch) {
-  const int8_t* w = job.w + n * job.cols;
-  for (int64_t m = 0; m < batch; ++m) {
-    const float* x = job.x + m * job.cols;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < job.cols; ++i) sum += static_cast<float>(w[i]) * x[i];
+    for (; i < k; ++i) sum += static_cast<float>(w[i]) * x[i];
     job.y[m * job.rows + n] = sum * job.scale[n];
   }
 }
 
-// Share the rows of several matrices among the team's threads (called by every thread of the region).
+// Share the rows of several matrices among the team's threads (called by every thread of the region): each
+// thread gets one contiguous run of rows.
 void matvecs(const MatVec* jobs, int count, int64_t batch) {
-  int64_t blocks = 0;
-  for (int j = 0; j < count; ++j) blocks += (jobs[j].rows + 3) / 4;
+  int64_t rows = 0;
+  for (int j = 0; j < count; ++j) rows += jobs[j].rows;
 #pragma omp for schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    int64_t rest = b;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t n = r;
     int j = 0;
-    while (rest >= (jobs[j].rows + 3) / 4) rest -= (jobs[j++].rows + 3) / 4;
-    const MatVec& job = jobs[j];
-    int64_t n = rest * 4;
-    if (n + 4 <= job.rows) {
-      four_rows(job, n, batch);
-    } else {
-      for (; n < job.rows; ++n) one_row(job, n, batch);
-    }
+    while (n >= jobs[j].rows) n -= jobs[j++].rows;
+    one_row(jobs[j], n, batch);
   }
 }
 
