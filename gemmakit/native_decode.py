@@ -34,7 +34,7 @@ import torch
 from gemmakit.cache import KVCache
 from gemmakit.errors import InputError
 from gemmakit.model import RMSNorm, Transformer
-from gemmakit.quant import Int8Linear
+from gemmakit.quant import Int4Linear, Int8Linear, QuantEmbedding
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.cpp"
 MAX_BATCH = 8  # above this, batched GEMMs in torch read each weight once for more rows than our loops do
@@ -125,6 +125,10 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.gk_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, _i64, ctypes.c_int]
     lib.gk_decode_step.restype = ctypes.c_int
+    lib.gk_int4_matvec.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_int]
+    lib.gk_int4_matvec.restype = ctypes.c_int
+    lib.gk_int8_matvec.argtypes = [_ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_int]
+    lib.gk_int8_matvec.restype = None
     _LIBRARY = lib
     return lib
 
@@ -245,6 +249,38 @@ class NativeDecoder:
         return h.unsqueeze(1)
 
 
+class NativeHead:
+    """Decode-time LM head products for `QuantEmbedding.matvec`: int8 heads exactly (fp32 activations, one
+    sequential stream per row), and the int4 candidate-picking head of `int8-rescore` with int8 activations
+    and VNNI dot products. The latter adds the activations' rounding to the int4 head's own error; it only
+    ranks candidates (whose logits are recomputed from the int8 table) and fills the unlikely tail."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        self.int4 = bool(lib.gk_has_int4_matvec())
+        self._scales: dict[int, torch.Tensor] = {}  # fp32 copies of int8 heads' scales, by data pointer
+
+    def __call__(self, lin: torch.nn.Module, x: torch.Tensor, coarse: bool = False) -> torch.Tensor | None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+        rows = x.shape[0]
+        threads = torch.get_num_threads()
+        if type(lin) is Int8Linear and rows <= MAX_BATCH:
+            scales = self._scales.get(lin.scales.data_ptr())
+            if scales is None:
+                scales = self._scales[lin.scales.data_ptr()] = lin.scales.float()
+            y = torch.empty(rows, lin.out_features)
+            self.lib.gk_int8_matvec(lin.weight_int8.data_ptr(), scales.data_ptr(), lin.out_features,
+                                    lin.in_features, x.data_ptr(), rows, y.data_ptr(), threads)
+            return y
+        if (coarse and self.int4 and type(lin) is Int4Linear and lin.scales_zeros.dtype == torch.bfloat16
+                and rows <= MAX_BATCH):
+            y = torch.empty(rows, lin.out_features)
+            done = self.lib.gk_int4_matvec(lin.weight_int4.data_ptr(), lin.scales_zeros.data_ptr(), lin.out_features,
+                                           lin.in_features, lin.group, x.data_ptr(), rows, y.data_ptr(), threads)
+            return y if done == 0 else None
+        return None
+
+
 def enable(model: Transformer) -> bool:
     """Make generation decode `model` through the native step when it can; False (nothing changed) if not."""
     if not supports(model):
@@ -253,4 +289,6 @@ def enable(model: Transformer) -> bool:
     if lib is None:
         return False
     model.native_decoder = NativeDecoder(model, lib)
+    if isinstance(model.model.embed_tokens, QuantEmbedding):
+        model.model.embed_tokens.matvec = NativeHead(lib)
     return True

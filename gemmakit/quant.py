@@ -251,6 +251,17 @@ class QuantEmbedding(nn.Module):
         self.coarse = coarse
         self.act_dtype = dtype
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+        # decode-time matrix-vector products (fp32 [M, K] -> fp32 [M, N], or None to decline), attached by
+        # gemmakit.native_decode; called with coarse=True for the candidate-picking head
+        self.matvec: Callable[..., torch.Tensor | None] | None = None
+
+    def _decode_logits(self, lin: nn.Module, x: torch.Tensor, coarse: bool = False) -> torch.Tensor:
+        """fp32 logits [M, N] of `lin` for a few rows x [M, K]: the attached kernel when it takes them, else torch's."""
+        if self.matvec is not None and not torch.compiler.is_compiling():
+            out = self.matvec(lin, x, coarse=coarse)
+            if out is not None:
+                return out
+        return lin(_flat(x, self.act_dtype)).float()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -265,7 +276,7 @@ class QuantEmbedding(nn.Module):
         recomputed from the int8 table. The int4 pass reads 40% fewer bytes than int8; the argmax (greedy) and
         every likely token get int8 values, only the unlikely tail keeps int4 ones."""
         a = _flat(x, self.act_dtype)
-        logits = self.coarse(a).float()
+        logits = self._decode_logits(self.coarse, x.reshape(a.shape), coarse=True)
         top = logits.topk(self.CANDIDATES, dim=-1).indices  # [M, C]
         rows = self.table.dequantized_rows(top.reshape(-1)).view(*top.shape, -1)  # [M, C, K]
         exact = torch.bmm(rows.float(), a.float().unsqueeze(-1)).squeeze(-1)
@@ -284,7 +295,8 @@ class QuantEmbedding(nn.Module):
         """
         if rows is None and x.numel() // x.shape[-1] < DENSE_ROWS:
             if self.coarse is None:
-                return self.table(x).float()
+                flat = x.reshape(-1, x.shape[-1])
+                return self._decode_logits(self.table, flat).view(*x.shape[:-1], self.num_embeddings)
             return self._rescored(x)
         if rows is None:  # many positions: dequantise the vocabulary in slices, never the whole table at once
             a = x.to(self.act_dtype)

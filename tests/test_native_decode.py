@@ -15,7 +15,7 @@ from gemmakit import native_decode
 from gemmakit.cache import KVCache
 from gemmakit.engine import generate_tokens
 from gemmakit.loader import build_model
-from gemmakit.quant import Int8Linear, quantize_model
+from gemmakit.quant import Int4Linear, Int8Linear, quantize_model
 from gemmakit.weights import hf
 from tiny_models import VOCAB, WINDOW, save_hf_model
 
@@ -94,3 +94,34 @@ def test_models_it_cannot_run_are_left_alone(tmp_path):
     assert not native_decode.supports(fp32)
     assert not native_decode.enable(fp32)
     assert not native_decode.supports(quantize_model(fp32, "int4"))
+
+
+def test_native_int8_head_equals_dequantized_product():
+    gen = torch.Generator().manual_seed(1)
+    lin = Int8Linear.from_weight(torch.randn(320, 96, generator=gen), torch.bfloat16)
+    x = torch.randn(3, 96, generator=gen)
+    head = native_decode.NativeHead(native_decode.library())
+    expected = x.double() @ (lin.weight_int8.double() * lin.scales.double()[:, None]).t()
+    got = head(lin, x)
+    assert got is not None and got.shape == (3, 320)
+    assert (got.double() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+@pytest.mark.skipif(not native_decode.library().gk_has_int4_matvec(), reason="the int4 head needs AVX512-VNNI")
+@pytest.mark.parametrize("group", [32, 64])
+def test_native_int4_head_error_is_bounded_by_activation_rounding(group):
+    """The int4 kernel rounds activations to int8 (one scale per row): each logit may move by at most
+    half a step of that rounding times the row's summed |weights|, and a wrong row order, nibble or group
+    scale would break the bound by orders of magnitude."""
+    gen = torch.Generator().manual_seed(2)
+    lin = Int4Linear.from_weight(torch.randn(256, 128, generator=gen), group, torch.bfloat16)
+    x = torch.randn(2, 128, generator=gen)
+    head = native_decode.NativeHead(native_decode.library())
+    w = lin.dequantized_rows(torch.arange(256)).double()  # [N, K], what the packed codes mean
+    expected = x.double() @ w.t()
+    got = head(lin, x, coarse=True)
+    assert got is not None
+    step = x.abs().amax(dim=1, keepdim=True).double() / 127
+    bound = 0.5 * step * w.abs().sum(dim=1)[None, :] + 1e-4
+    assert ((got.double() - expected).abs() <= bound).all()
+    assert head(lin, x, coarse=False) is None  # a head that is not only ranking keeps torch's kernel

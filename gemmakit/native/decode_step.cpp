@@ -336,3 +336,111 @@ int gk_decode_step(const GkModel* model, float* h, int64_t now, int threads) {
 }
 
 }  // extern "C"
+
+// --- LM heads -----------------------------------------------------------------------------------------------------
+namespace {
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+constexpr int kInt4Head = 1;
+
+// One 64-row block of torch's CPU int4 layout ([K, 32] bytes: byte j holds row j in its low nibble and row
+// j + 32 in its high one; w = (q - 8) * scale + zero per group of `group` inputs) against int8 activations.
+// Four inputs at a time are transposed so that each 32-bit lane holds one row's four codes, and vpdpbusd
+// multiplies them by four int8 activations in one instruction. Lane l of accumulator a (a = 0..3) holds row
+// 4a + (l & 3) + 16 * (l >> 2) of the block (the order the byte unpacks leave), and +32 for the high nibbles.
+void int4_block(const uint8_t* block, const uint16_t* sz, int64_t rows, int64_t k, int64_t group,
+                const int8_t* xq, float x_scale, const float* group_sums, float* y) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), high16 = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 out[8];
+  for (auto& o : out) o = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < k; g0 += group) {
+    __m256i acc[8];
+    for (auto& a : acc) a = _mm256_setzero_si256();
+    for (int64_t i = g0; i < g0 + group; i += 4) {
+      const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + i * 32));
+      const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + (i + 1) * 32));
+      const __m256i r2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + (i + 2) * 32));
+      const __m256i r3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + (i + 3) * 32));
+      const __m256i t0 = _mm256_unpacklo_epi8(r0, r1), t1 = _mm256_unpackhi_epi8(r0, r1);
+      const __m256i t2 = _mm256_unpacklo_epi8(r2, r3), t3 = _mm256_unpackhi_epi8(r2, r3);
+      const __m256i u[4] = {_mm256_unpacklo_epi16(t0, t2), _mm256_unpackhi_epi16(t0, t2),
+                            _mm256_unpacklo_epi16(t1, t3), _mm256_unpackhi_epi16(t1, t3)};
+      int32_t quad;
+      std::memcpy(&quad, xq + i, 4);
+      const __m256i xv = _mm256_set1_epi32(quad);
+      for (int a = 0; a < 4; ++a) {
+        acc[a] = _mm256_dpbusd_epi32(acc[a], _mm256_and_si256(u[a], low4), xv);
+        acc[a + 4] = _mm256_dpbusd_epi32(acc[a + 4], _mm256_and_si256(_mm256_srli_epi16(u[a], 4), low4), xv);
+      }
+    }
+    const float xs = group_sums[g0 / group];
+    const uint16_t* gsz = sz + (g0 / group) * rows * 2;
+    for (int a = 0; a < 8; ++a) {
+      const int64_t row = 4 * (a & 3) + 32 * (a >> 2);  // lanes 0-3: row..row+3; lanes 4-7: row+16..row+19
+      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gsz + row * 2));
+      const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gsz + (row + 16) * 2));
+      const __m256i pairs = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+      const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, high16));
+      const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[a]), _mm256_set1_ps(x_scale));
+      // sum_k ((q - 8) * scale + zero) * x = scale * (q . x) + (zero - 8 * scale) * sum_k x
+      out[a] = _mm256_fmadd_ps(scale, dot, out[a]);
+      out[a] = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale, zero), _mm256_set1_ps(xs), out[a]);
+    }
+  }
+  for (int a = 0; a < 8; ++a) {
+    const int64_t row = 4 * (a & 3) + 32 * (a >> 2);
+    _mm_storeu_ps(y + row, _mm256_castps256_ps128(out[a]));
+    _mm_storeu_ps(y + row + 16, _mm256_extractf128_ps(out[a], 1));
+  }
+}
+#else
+constexpr int kInt4Head = 0;
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// 1 when gk_int4_matvec is compiled in (it needs AVX512-VNNI); the caller keeps torch's kernel otherwise.
+int gk_has_int4_matvec() { return kInt4Head; }
+
+// y [batch, n] = x [batch, k] W^T for W int4 in torch's CPU layout ([n/64, k, 32] bytes) with bf16 (scale, zero)
+// pairs [k/group, n, 2]. The activations are rounded to int8 with one scale per row (the head's own error
+// dominates: this is for heads that only rank candidates, or decode-time heads). Returns -1 if unsupported.
+int gk_int4_matvec(const uint8_t* packed, const uint16_t* scales_zeros, int64_t n, int64_t k, int64_t group,
+                   const float* x, int64_t batch, float* y, int threads) {
+  if (!kInt4Head || n % 64 != 0 || k % group != 0 || group % 4 != 0) return -1;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+  std::vector<int8_t> xq(batch * k);
+  std::vector<float> x_scale(batch), sums(batch * (k / group));
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xb = x + b * k;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < k; ++i) amax = std::fabs(xb[i]) > amax ? std::fabs(xb[i]) : amax;
+    x_scale[b] = amax > 0 ? amax / 127.0f : 1.0f;
+    for (int64_t i = 0; i < k; ++i) xq[b * k + i] = static_cast<int8_t>(std::nearbyint(xb[i] / x_scale[b]));
+    for (int64_t g = 0; g < k / group; ++g) {
+      float s = 0.0f;
+      for (int64_t i = g * group; i < (g + 1) * group; ++i) s += xb[i];
+      sums[b * (k / group) + g] = s;
+    }
+  }
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t blk = 0; blk < n / 64; ++blk)
+    for (int64_t b = 0; b < batch; ++b)
+      int4_block(packed + blk * k * 32, scales_zeros + blk * 64 * 2, n, k, group, xq.data() + b * k, x_scale[b],
+                 sums.data() + b * (k / group), y + b * n + blk * 64);
+#endif
+  return 0;
+}
+
+// y [batch, n] = x [batch, k] W^T for W int8 [n, k] with fp32 row scales (an int8 LM head).
+void gk_int8_matvec(const int8_t* w, const float* scale, int64_t n, int64_t k, const float* x, int64_t batch,
+                    float* y, int threads) {
+  const MatVec job = {w, scale, n, k, x, y};
+#pragma omp parallel num_threads(threads)
+  matvecs(&job, 1, batch);
+}
+
+}  // extern "C"
