@@ -193,3 +193,17 @@ def test_real_270m_default_load_is_int8_rescore_and_close_to_fp32(real, monkeypa
             top = decode.topk(8).indices
             assert torch.allclose(decode[0, top[0]], exact[0, top[0]], atol=0.25)
     assert "France" in fast.generate("The capital of France is", max_new_tokens=8)
+
+
+def test_top_indices_finds_the_same_set_as_topk():
+    """Including adversarial rows: the largest values packed into one block, or spread one per block."""
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randn(4096, generator=gen) for _ in range(3)]
+    packed = torch.zeros(4096)
+    packed[128:192] = torch.arange(1, 65).float()  # all 64 winners in one block
+    spread = torch.zeros(4096)
+    spread[::64] = torch.arange(1, 65).float()  # one winner per block
+    logits = torch.stack(rows + [packed, spread])
+    for k in (1, 8, 64):
+        got = quant.top_indices(logits, k).sort(dim=-1).values
+        assert torch.equal(got, logits.topk(k, dim=-1).indices.sort(dim=-1).values)
