@@ -63,12 +63,27 @@ def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return logits
 
 
+def argmax_rows(logits: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """`logits.argmax(-1)` for [B, V] logits (the first index of the maximum), ~3x faster on wide CPU rows.
+
+    torch's argmax over a 262k-wide row runs at a fraction of memory speed; block maxima (a fast reduction),
+    the first block holding the row maximum, and an argmax inside that block give the same index.
+    """
+    rows, width = logits.shape
+    if width % block or logits.device.type != "cpu":
+        return logits.argmax(dim=-1)
+    blocks = logits.view(rows, width // block, block)
+    maxima = blocks.amax(dim=-1)
+    first = (maxima == maxima.amax(dim=-1, keepdim=True)).to(torch.uint8).argmax(dim=-1)
+    return first * block + blocks[torch.arange(rows), first].argmax(dim=-1)
+
+
 def choose(logits: torch.Tensor, sampling: Sampling,
            generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
     """Next token ids [B] from last-position logits [B, V]. Given one generator per row, row r draws only from
     generator r, so its sample does not depend on which other rows share the batch."""
     if sampling.greedy:
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     probs = torch.softmax(filter_logits(logits, sampling), dim=-1)
     if isinstance(generator, (list, tuple)):
         return torch.cat([torch.multinomial(probs[r: r + 1], 1, generator=g) for r, g in enumerate(generator)])[:, 0]

@@ -93,3 +93,16 @@ def test_seeded_sampling_is_reproducible_and_respects_top_k(pair):
     hot = Sampling(temperature=2.0, top_p=0.9, seed=7)
     first = [int(t) for t in generate_tokens(ours, [prompt], 10, hot)]
     assert first == [int(t) for t in generate_tokens(ours, [prompt], 10, hot)]
+
+
+def test_argmax_rows_is_torch_argmax_including_ties():
+    from gemmakit.engine import argmax_rows
+
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(4, 64 * 50, generator=gen)
+    logits[1, [5, 700, 3000]] = 9.0  # ties across blocks: the first wins
+    logits[2, [130, 131]] = 9.0  # ties inside a block
+    logits[3] = 0.0  # all equal
+    assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
+    odd = torch.randn(2, 1000, generator=gen)  # not a multiple of the block: plain argmax
+    assert torch.equal(argmax_rows(odd), odd.argmax(dim=-1))
