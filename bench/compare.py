@@ -109,6 +109,26 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines + [""] + errors)
 
 
+def interleaved_decode(tokens_file: str, rounds: int, timeout: int) -> dict | None:
+    """gemmakit and llama.cpp decode, alternating in fresh processes; the median of per-round ratios."""
+    import statistics
+
+    ours, theirs, ratios = [], [], []
+    for _ in range(rounds):
+        a = run_child("decode:gemmakit", tokens_file, timeout)
+        b = run_child("decode:llama.cpp", tokens_file, timeout)
+        if "error" in a or "error" in b:
+            return {"summary": f"interleaved decode failed: {a.get('error') or b.get('error')}"}
+        ours.append(a["decode_tps"])
+        theirs.append(b["decode_tps"])
+        ratios.append(a["decode_tps"] / b["decode_tps"])
+    summary = (f"interleaved decode, {rounds} rounds: gemmakit median {statistics.median(ours):.1f} tok/s "
+               f"({min(ours):.1f}-{max(ours):.1f}), llama.cpp median {statistics.median(theirs):.1f} "
+               f"({min(theirs):.1f}-{max(theirs):.1f}); ratio median {statistics.median(ratios):.2f}x "
+               f"(per round {min(ratios):.2f}-{max(ratios):.2f}x)")
+    return {"gemmakit": ours, "llama.cpp": theirs, "ratios": ratios, "summary": summary}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default", help="GGUF file, or 'default' (Gemma 3 270M Q4_K_M)")
@@ -121,6 +141,9 @@ def main() -> int:
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--runners", default=",".join(RUNNERS), help=f"comma list of {', '.join(RUNNERS)}")
     p.add_argument("--timeout", type=int, default=900, help="seconds per runner")
+    p.add_argument("--decode-rounds", type=int, default=5,
+                   help="then alternate gemmakit and llama.cpp decode-only runs this many times (0: skip) and "
+                        "report the median ratio: on a shared machine one run each is noise")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)
@@ -133,11 +156,15 @@ def main() -> int:
         json.dump(tokens, f)
     results = {name: run_child(name, f.name, args.timeout) for name in args.runners.split(",")}
     print(table(results))
+    rounds = interleaved_decode(f.name, args.decode_rounds, args.timeout) if args.decode_rounds else None
+    if rounds:
+        print("\n" + rounds["summary"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     record = {"time": stamp, "model": tokens["path"], "threads": args.threads, "windows": args.windows,
-              "bandwidth_bytes_per_s": BANDWIDTH, "results": results, "table": table(results)}
+              "bandwidth_bytes_per_s": BANDWIDTH, "results": results, "table": table(results),
+              "interleaved_decode": rounds}
     (out / f"compare-{stamp}.json").write_text(json.dumps(record, indent=2))
     print(f"\nwritten {out / f'compare-{stamp}.json'}")
     return 0
@@ -183,6 +210,9 @@ def child(name: str, tokens_file: str, result_file: str) -> int:
     import torch
 
     torch.set_num_threads(TOKENS["threads"])
+    if name.startswith("decode:"):
+        Path(result_file).write_text(json.dumps(decode_only(name.removeprefix("decode:"))))
+        return 0
     runners = {"gemmakit": run_gemmakit, "gemmakit-eager": run_gemmakit_eager,
                "gemmakit-compiled": run_gemmakit_compiled, "gemmakit-fp32": run_gemmakit_fp32,
                "llama.cpp": run_llama, "transformers": run_transformers}
@@ -223,11 +253,7 @@ def _gemmakit(**load_kw) -> dict:
             pass
         compile_s = time.perf_counter() - start
     reset_peak_rss()
-    times = []
-    for step in generate_tokens(mod, [TOKENS["decode_prompt"]], n):  # greedy, no stop tokens
-        times.append(time.perf_counter())
-        del step
-    decode_tps = (len(times) - 1) / (times[-1] - times[0])
+    decode_tps = _gemmakit_decode_tps(mod)
     rss = vm_kb("VmHWM") / 1024
     ids = torch.tensor([TOKENS["prefill_prompt"]])
     with torch.inference_mode():
@@ -245,6 +271,41 @@ def _gemmakit(**load_kw) -> dict:
     return {"load_s": load_s, "first_load_s": first, "decode_tps": decode_tps, "prefill_tps": ids.shape[1] / best,
             "ppl": ppl, "rss_mb": rss, "bytes_per_token": weight_bytes_per_token(mod),
             "scheme": str(getattr(mod, "quant_scheme", None)), "compile_s": compile_s}
+
+
+def _gemmakit_decode_tps(mod) -> float:
+    from gemmakit.engine import generate_tokens
+
+    times = []
+    for step in generate_tokens(mod, [TOKENS["decode_prompt"]], TOKENS["new_tokens"]):  # greedy, no stop tokens
+        times.append(time.perf_counter())
+        del step
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def _llama_decode_tps(llm) -> float:
+    times = []
+    for _ in llm.generate(TOKENS["decode_prompt"], top_k=1, temp=0.0, reset=True):
+        times.append(time.perf_counter())
+        if len(times) == TOKENS["new_tokens"]:
+            break
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def decode_only(name: str) -> dict:
+    """Load once, decode once to warm up, then time one decode: the interleaved rounds' unit of work."""
+    if name == "gemmakit":
+        import gemmakit
+
+        mod = gemmakit.load(TOKENS["path"]).module
+        _gemmakit_decode_tps(mod)
+        return {"decode_tps": _gemmakit_decode_tps(mod)}
+    from llama_cpp import Llama
+
+    threads = TOKENS["threads"]
+    llm = Llama(TOKENS["path"], n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+    _llama_decode_tps(llm)
+    return {"decode_tps": _llama_decode_tps(llm)}
 
 
 def run_gemmakit() -> dict:
@@ -278,12 +339,7 @@ def run_llama() -> dict:
     llm = Llama(path, n_ctx=2048, **kw)
     load_s = time.perf_counter() - start
     reset_peak_rss()
-    times = []
-    for _ in llm.generate(TOKENS["decode_prompt"], top_k=1, temp=0.0, reset=True):
-        times.append(time.perf_counter())
-        if len(times) == TOKENS["new_tokens"]:
-            break
-    decode_tps = (len(times) - 1) / (times[-1] - times[0])
+    decode_tps = _llama_decode_tps(llm)
     rss = vm_kb("VmHWM") / 1024
     best = float("inf")
     for _ in range(2):

@@ -27,8 +27,9 @@ import torch
 
 from gemmakit.config import GemmaConfig
 from gemmakit.errors import FormatError, InputError
+from gemmakit.weights.aligned_safetensors import save_aligned, without_padding
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: tensors 64-byte aligned (used in place from the memory map)
 _EDGE = 1 << 20
 
 
@@ -86,7 +87,6 @@ def tokenizer_metadata(source: Path) -> dict[str, Any] | None:
 def save(module: torch.nn.Module, path: str | Path, scheme_name: str, source: str | Path,
          tensor_types: dict[str, str] | None = None) -> Path:
     """Write a quantised module as safetensors; the header carries what `load` needs to rebuild it."""
-    from safetensors.torch import save_file
 
     path, source = Path(path), Path(source)
     config = dataclasses.asdict(module.config)
@@ -104,7 +104,7 @@ def save(module: torch.nn.Module, path: str | Path, scheme_name: str, source: st
     state = {k: v.contiguous() for k, v in module.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata=meta)
+    save_aligned(state, tmp, meta)
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half file under the real name
     return path
 
@@ -132,9 +132,10 @@ def load(path: str | Path):
     cfg = json.loads(meta["gemmakit.config"])
     cfg["layer_types"] = tuple(cfg["layer_types"])
     config = GemmaConfig(**cfg)
-    # safetensors aligns tensors to 8 bytes only; torch's int8/int4 CPU kernels use aligned vector loads and
-    # crash (SIGSEGV, seen with torch 2.13) on such pointers, so misaligned tensors are copied to fresh memory.
-    state = {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in load_file(str(path)).items()}
+    # the file's tensors are 64-byte aligned (see aligned_safetensors), so they are used in place from the
+    # memory map; a tensor that is not (a file written by another tool) is copied rather than risk torch's
+    # int8/int4 kernels on a misaligned pointer (a SIGSEGV with torch 2.13)
+    state = {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in without_padding(load_file(str(path))).items()}
     module = build_quantized(config, state)
     module.quant_scheme = meta["gemmakit.scheme"]
     source = Path(meta["gemmakit.source"])
