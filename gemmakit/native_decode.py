@@ -4,8 +4,9 @@ Why: the eager decode step of a small Gemma runs ~1,500 torch ops per token and 
 dispatching them as reading the weights; torch.compile removes part of that for a minute of compiling. The
 native step runs every layer in one OpenMP region of plain loops (int8 x fp32 dot products at memory speed,
 norms, rope, attention over the cache, GeGLU), so a token costs little more than reading the weights once.
-Python keeps what is cheap or shared with other paths: the embedding lookup, the cache bookkeeping, and the
-final norm and LM head (the int4 candidate head of `int8-rescore` included).
+Python keeps what is cheap or shared with other paths: the embedding lookup, the cache bookkeeping, the final
+norm and the choice of candidates; the LM head's products run in the same library (`NativeHead`), which reads
+an int8 head or the int4 candidate head of `int8-rescore` as one sequential stream.
 
 Numerics: activations stay fp32 through the layers (the eager bf16 path rounds them after every op), so the
 step computes the fp32 model whose weights are the dequantised int8 ones, to fp32 rounding; `tests/
@@ -37,7 +38,7 @@ from gemmakit.model import RMSNorm, Transformer
 from gemmakit.quant import Int4Linear, Int8Linear, QuantEmbedding
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.cpp"
-MAX_BATCH = 8  # above this, batched GEMMs in torch read each weight once for more rows than our loops do
+MAX_BATCH = 8  # above this many rows, dot products row by row lose to torch's register-blocked GEMMs
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 _ptr = ctypes.c_void_p
