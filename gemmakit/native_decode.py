@@ -214,7 +214,12 @@ class NativeDecoder:
         # the model holds this decoder, so only a weak reference back: `del model` must free it at once
         self._model = weakref.ref(model)
         self.lib = lib
-        self._modules = list(model.modules())[1:]  # submodules (no references back to the model)
+        # the hook dicts of every module and torch's global ones: the same dict objects for the module's life
+        # (registering or removing a hook changes their contents), so checking them is ~350 len() calls, not a
+        # walk over the modules (which cost 0.25 ms a token)
+        self._hook_dicts = [hooks for m in model.modules() for hooks in (m._forward_hooks, m._forward_pre_hooks)]
+        self._hook_dicts += [torch.nn.modules.module._global_forward_hooks,
+                             torch.nn.modules.module._global_forward_pre_hooks]
         self._bindings: weakref.WeakKeyDictionary[KVCache, _Binding] = weakref.WeakKeyDictionary()
 
     @property
@@ -226,10 +231,8 @@ class NativeDecoder:
 
     def usable(self, cache: KVCache) -> bool:
         """fp32 cache (CPU storage), at most MAX_BATCH rows, room left, and no hooks (they need the eager path)."""
-        model = self.model
         return (cache.keys[0].dtype == torch.float32 and cache.batch_size <= MAX_BATCH
-                and cache.length < cache.capacity and not (model._forward_hooks or model._forward_pre_hooks)
-                and not any(m._forward_hooks or m._forward_pre_hooks for m in self._modules))
+                and cache.length < cache.capacity and not any(map(len, self._hook_dicts)))
 
     def step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, V] for one new token per row; advances `cache` exactly as an eager forward would."""

@@ -125,3 +125,24 @@ def test_native_int4_head_error_is_bounded_by_activation_rounding(group):
     bound = 0.5 * step * w.abs().sum(dim=1)[None, :] + 1e-4
     assert ((got.double() - expected).abs() <= bound).all()
     assert head(lin, x, coarse=False) is None  # a head that is not only ranking keeps torch's kernel
+
+
+def test_hooks_send_decoding_back_to_the_eager_path(tmp_path):
+    """Scope's capture and steering hook modules; the native step would silently skip them."""
+    model = quantize_model(tiny("gemma3", tmp_path), "int8")
+    assert native_decode.enable(model)
+    decoder = model.native_decoder
+    cache = KVCache(model.config, 1, 8, model.dtype)
+    assert decoder.usable(cache)
+    calls = []
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: calls.append(1))
+    assert not decoder.usable(cache)
+    list(generate_tokens(model, [[2, 17, 99]], 4))
+    assert len(calls) == 4  # prefill and three eager decode steps all ran the hooked module
+    handle.remove()
+    assert decoder.usable(cache)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda *a: None)
+    try:
+        assert not decoder.usable(cache)
+    finally:
+        handle.remove()
