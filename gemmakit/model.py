@@ -253,10 +253,12 @@ class Transformer(nn.Module):
             logits = F.linear(self.model.norm(h), weight)
         else:  # quantised head (gemmakit.quant.QuantEmbedding)
             logits = emb.project(self.model.norm(h), rows)
+        return self.cap_logits(logits)
+
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma 2's final soft-cap, cap * tanh(logits / cap); the identity for Gemma 1 and 3."""
         cap = self.config.final_softcap
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def forward(
         self,

@@ -128,6 +128,9 @@ def library() -> ctypes.CDLL | None:
     lib.gk_decode_step.restype = ctypes.c_int
     lib.gk_int4_matvec.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_int]
     lib.gk_int4_matvec.restype = ctypes.c_int
+    lib.gk_rescored_head.argtypes = [_ptr, _ptr, ctypes.c_float, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64,
+                                     _ptr, ctypes.c_int]
+    lib.gk_rescored_head.restype = ctypes.c_int
     lib.gk_int8_matvec.argtypes = [_ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_int]
     lib.gk_int8_matvec.restype = None
     _LIBRARY = lib
@@ -236,7 +239,12 @@ class NativeDecoder:
 
     def step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, V] for one new token per row; advances `cache` exactly as an eager forward would."""
-        return self.model.unembed(self.hidden_states(ids, cache))[:, -1]
+        model = self.model
+        h = self.hidden_states(ids, cache)
+        emb = model.model.embed_tokens
+        head = getattr(emb, "matvec", None)
+        logits = head.rescored(emb, model.model.norm, h) if isinstance(head, NativeHead) else None
+        return model.unembed(h)[:, -1] if logits is None else model.cap_logits(logits)
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache, embedded: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream [B, 1, d] (fp32) after the last layer for ids [B, 1] (or their `embedded` inputs
@@ -264,14 +272,36 @@ class NativeHead:
         self.int4 = bool(lib.gk_has_int4_matvec())
         self._scales: dict[int, torch.Tensor] = {}  # fp32 copies of int8 heads' scales, by data pointer
 
+    def _fp32_scales(self, lin: Int8Linear) -> torch.Tensor:
+        scales = self._scales.get(lin.scales.data_ptr())
+        if scales is None:
+            scales = self._scales[lin.scales.data_ptr()] = lin.scales.float()
+        return scales
+
+    def rescored(self, emb: QuantEmbedding, norm: RMSNorm, h: torch.Tensor) -> torch.Tensor | None:
+        """Logits [B, V] of residuals h [B, 1, d] through the final norm and `int8-rescore`'s head, in one call:
+        the int4 head's logits with the top `CANDIDATES` of each row recomputed from the int8 table (in fp32,
+        where the torch path rounds them to bf16). None when the head is not that pair."""
+        coarse, table = emb.coarse, emb.table
+        if not (self.int4 and type(coarse) is Int4Linear and type(table) is Int8Linear
+                and coarse.scales_zeros.dtype == torch.bfloat16):
+            return None
+        x = h.reshape(-1, h.shape[-1]).to(torch.float32).contiguous()
+        y = torch.empty(x.shape[0], coarse.out_features)
+        multiplier = norm.multiplier()  # held here: with autograd on it is a fresh tensor, freed after the call
+        done = self.lib.gk_rescored_head(
+            x.data_ptr(), multiplier.data_ptr(), norm.eps, x.shape[0], coarse.weight_int4.data_ptr(),
+            coarse.scales_zeros.data_ptr(), coarse.out_features, coarse.in_features, coarse.group,
+            table.weight_int8.data_ptr(), self._fp32_scales(table).data_ptr(), emb.CANDIDATES, y.data_ptr(),
+            torch.get_num_threads())
+        return y if done == 0 else None
+
     def __call__(self, lin: torch.nn.Module, x: torch.Tensor, coarse: bool = False) -> torch.Tensor | None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
         rows = x.shape[0]
         threads = torch.get_num_threads()
         if type(lin) is Int8Linear and rows <= MAX_BATCH:
-            scales = self._scales.get(lin.scales.data_ptr())
-            if scales is None:
-                scales = self._scales[lin.scales.data_ptr()] = lin.scales.float()
+            scales = self._fp32_scales(lin)
             y = torch.empty(rows, lin.out_features)
             self.lib.gk_int8_matvec(lin.weight_int8.data_ptr(), scales.data_ptr(), lin.out_features,
                                     lin.in_features, x.data_ptr(), rows, y.data_ptr(), threads)

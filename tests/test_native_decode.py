@@ -146,3 +146,36 @@ def test_hooks_send_decoding_back_to_the_eager_path(tmp_path):
         assert not decoder.usable(cache)
     finally:
         handle.remove()
+
+
+@pytest.mark.skipif(not native_decode.library().gk_has_int4_matvec(), reason="the int4 head needs AVX512-VNNI")
+def test_rescored_head_recomputes_the_coarse_top_candidates_exactly():
+    """int8-rescore's decode head in one native call: the coarse int4 logits everywhere, except the top
+    CANDIDATES of each row, which hold the exact int8 logits of the normed residual (a vocabulary of 8192 rows,
+    large enough for the block search: 64 candidates need at least 64 blocks of 64). Residuals of +-1 with
+    eps 0 make the norm exact, so torch's normed x is bit for bit the kernel's."""
+    from gemmakit.model import RMSNorm
+    from gemmakit.quant import QuantEmbedding
+
+    gen = torch.Generator().manual_seed(5)
+    vocab, dim = 8192, 64
+    weight = torch.randn(vocab, dim, generator=gen)
+    emb = QuantEmbedding(Int8Linear.from_weight(weight, torch.bfloat16), torch.bfloat16,
+                         Int4Linear.from_weight(weight, 32, torch.bfloat16, search=False))
+    norm = RMSNorm(dim, eps=0.0)
+    norm.weight.data = torch.randn(dim, generator=gen) * 0.5
+    h = torch.randint(0, 2, (3, 1, dim), generator=gen).float() * 2 - 1
+    head = native_decode.NativeHead(native_decode.library())
+    logits = head.rescored(emb, norm, h)
+    assert logits is not None and logits.shape == (3, vocab)
+
+    x = norm(h).view(3, dim)
+    coarse = head(emb.coarse, x, coarse=True)
+    exact = x.double() @ (emb.table.weight_int8.double() * emb.table.scales.double()[:, None]).t()
+    top = coarse.topk(emb.CANDIDATES, dim=-1).indices
+    for row in range(3):
+        rescored = torch.zeros(vocab, dtype=torch.bool)
+        rescored[top[row]] = True
+        assert torch.equal(logits[row][~rescored], coarse[row][~rescored])  # the tail keeps the coarse values
+        err = (logits[row][rescored].double() - exact[row][rescored]).abs().max().item()
+        assert err <= 1e-5 * exact[row].abs().max().item()
