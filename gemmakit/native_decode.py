@@ -24,6 +24,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 import weakref
@@ -92,6 +93,8 @@ def build(compiler: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
+    print(f"[gemmakit: building the native decode step with {Path(compiler).name} (once, a few seconds)]",
+          file=sys.stderr, flush=True)
     try:
         proc = subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
