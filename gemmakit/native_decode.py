@@ -55,7 +55,7 @@ class _Layer(ctypes.Structure):
 
 class _Model(ctypes.Structure):
     _fields_ = [(name, _i64) for name in ("batch", "hidden", "heads", "kv_heads", "head_dim", "intermediate",
-                                          "num_layers", "sandwich")] + \
+                                          "num_layers")] + \
                [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("attn_softcap", ctypes.c_float),
                 ("layers", ctypes.POINTER(_Layer))] + \
                [(name, _ptr) for name in ("cos_local", "sin_local", "cos_global", "sin_global", "pad", "ring_times")]
@@ -189,9 +189,12 @@ def _bind(model: Transformer, cache: KVCache) -> _Binding:
             setattr(entry, f"w{key}", ptr(lin.weight_int8))
             setattr(entry, f"s{key}", ptr(lin.scales.float()))
         entry.input_norm = norm(block.input_layernorm)
-        entry.post_attn_norm = norm(block.post_attention_layernorm)
-        entry.pre_ffw_norm = norm(getattr(block, "pre_feedforward_layernorm", None))
-        entry.post_ffw_norm = norm(getattr(block, "post_feedforward_layernorm", None))
+        if block.sandwich:  # Gemma 2/3: norms after attention and after the MLP, and one before the MLP
+            entry.post_attn_norm = norm(block.post_attention_layernorm)
+            entry.pre_ffw_norm = norm(block.pre_feedforward_layernorm)
+            entry.post_ffw_norm = norm(block.post_feedforward_layernorm)
+        else:  # Gemma 1: HF's `post_attention_layernorm` is the pre-MLP norm
+            entry.pre_ffw_norm = norm(block.post_attention_layernorm)
         entry.q_norm, entry.k_norm = norm(attn.q_norm), norm(attn.k_norm)
         entry.keys, entry.values = buffer(cache.keys[i]), buffer(cache.values[i])
         entry.slots = cache.keys[i].shape[2]
@@ -201,7 +204,7 @@ def _bind(model: Transformer, cache: KVCache) -> _Binding:
     struct = _Model(
         batch=cache.batch_size, hidden=config.hidden_size, heads=config.num_heads, kv_heads=config.num_kv_heads,
         head_dim=config.head_dim, intermediate=config.intermediate_size, num_layers=config.num_layers,
-        sandwich=int(config.sandwich_norms), eps=config.rms_norm_eps, scale=config.query_pre_attn_scalar ** -0.5,
+        eps=config.rms_norm_eps, scale=config.query_pre_attn_scalar ** -0.5,
         attn_softcap=softcap if softcap is not None else 0.0, layers=layers,
         cos_local=ptr(tables[True][0]), sin_local=ptr(tables[True][1]),
         cos_global=ptr(tables[False][0]), sin_global=ptr(tables[False][1]),

@@ -26,7 +26,8 @@
 
 extern "C" {
 
-// One layer's tensors. Norm multipliers are (1 + w) in fp32; absent ones are null.
+// One layer's tensors. Norm multipliers are (1 + w) in fp32; absent ones are null (Gemma 1 has no norms after
+// attention and MLP, and no q/k norms; its pre-MLP norm goes in pre_ffw_norm).
 struct GkLayer {
   const int8_t *wq, *wk, *wv, *wo, *wg, *wu, *wd;
   const float *sq, *sk, *sv, *so, *sg, *su, *sd;
@@ -38,7 +39,6 @@ struct GkLayer {
 
 struct GkModel {
   int64_t batch, hidden, heads, kv_heads, head_dim, intermediate, num_layers;
-  int64_t sandwich;    // Gemma 2/3: norms after attention and MLP too
   float eps, scale, attn_softcap;  // softcap <= 0: none
   const GkLayer* layers;
   const float *cos_local, *sin_local, *cos_global, *sin_global;  // [positions, head_dim]; sin carries rope's sign
@@ -70,19 +70,30 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
-float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float sum = 0.0f;
 #if defined(__AVX512F__)
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  for (; i + 32 <= n; i += 32) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
-  }
-  for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-  sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 #endif
-  for (; i < n; ++i) sum += a[i] * b[i];
+
+// sum_i w[i] x[i] for fp32 or int8 w, read as one sequential stream (with a software prefetch 4 KB ahead:
+// ~5% faster measured on the int8 rows)
+template <typename T>
+float dot(const T* w, const float* x, int64_t k) {
+  float sum = 0.0f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  for (; i + 32 <= k; i += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + i) + 4096, _MM_HINT_T0);
+    a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(x + i), a0);
+    a1 = _mm512_fmadd_ps(load16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+  }
+  for (; i + 16 <= k; i += 16) a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(x + i), a0);
+  sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+  for (; i < k; ++i) sum += static_cast<float>(w[i]) * x[i];
   return sum;
 }
 
@@ -100,6 +111,12 @@ void axpy(float alpha, const float* x, float* y, int64_t n) {
 void rms_norm(const float* x, const float* mult, float eps, float* out, int64_t n) {
   float inv = 1.0f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
   for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inv * mult[i];
+}
+
+// h += norm(branch), or h += branch when there is no norm: the residual update after attention and after the MLP
+void add_branch(float* h, float* branch, const float* norm, float eps, int64_t n) {
+  if (norm != nullptr) rms_norm(branch, norm, eps, branch, n);
+  for (int64_t i = 0; i < n; ++i) h[i] += branch[i];
 }
 
 // gelu_tanh(g) * u, written as g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3)) * u
@@ -154,35 +171,11 @@ struct MatVec {
   float* y;        // [batch, rows]
 };
 
-#if defined(__AVX512F__)
-inline __m512 load_i8(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-#endif
-
-// sum_i w[i] x[i] for int8 w, read as one sequential stream (with a software prefetch: ~5% faster measured)
-float dot_i8(const int8_t* w, const float* x, int64_t k) {
-  float sum = 0.0f;
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  for (; i + 32 <= k; i += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + i + 4096), _MM_HINT_T0);
-    a0 = _mm512_fmadd_ps(load_i8(w + i), _mm512_loadu_ps(x + i), a0);
-    a1 = _mm512_fmadd_ps(load_i8(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-  }
-  for (; i + 16 <= k; i += 16) a0 = _mm512_fmadd_ps(load_i8(w + i), _mm512_loadu_ps(x + i), a0);
-  sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#endif
-  for (; i < k; ++i) sum += static_cast<float>(w[i]) * x[i];
-  return sum;
-}
-
 // Row n against every activation row. One row at a time, so the weights are read as one sequential stream:
 // interleaving four rows (four streams 640 bytes apart) was measured 1.7x slower on the 270M's layers.
 void one_row(const MatVec& job, int64_t n, int64_t batch) {
   const int8_t* w = job.w + n * job.cols;
-  for (int64_t m = 0; m < batch; ++m) job.y[m * job.rows + n] = dot_i8(w, job.x + m * job.cols, job.cols) * job.scale[n];
+  for (int64_t m = 0; m < batch; ++m) job.y[m * job.rows + n] = dot(w, job.x + m * job.cols, job.cols) * job.scale[n];
 }
 
 // Share the rows of several matrices among the team's threads (called by every thread of the region): each
@@ -300,16 +293,8 @@ int gk_decode_step(const GkModel* model, float* h, int64_t now, int threads) {
 
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; ++b) {
-        float* hb = h + b * D;
-        float* ob = o.data() + b * D;
-        if (m.sandwich) {
-          rms_norm(ob, L.post_attn_norm, m.eps, ob, D);
-          for (int64_t i = 0; i < D; ++i) hb[i] += ob[i];
-          rms_norm(hb, L.pre_ffw_norm, m.eps, xn.data() + b * D, D);
-        } else {
-          for (int64_t i = 0; i < D; ++i) hb[i] += ob[i];
-          rms_norm(hb, L.post_attn_norm, m.eps, xn.data() + b * D, D);
-        }
+        add_branch(h + b * D, o.data() + b * D, L.post_attn_norm, m.eps, D);
+        rms_norm(h + b * D, L.pre_ffw_norm, m.eps, xn.data() + b * D, D);
       }
 
       const MatVec gate_up[2] = {{L.wg, L.sg, I, D, xn.data(), gate.data()},
@@ -327,12 +312,7 @@ int gk_decode_step(const GkModel* model, float* h, int64_t now, int threads) {
       matvecs(down_proj, 1, B);
 
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < B; ++b) {
-        float* hb = h + b * D;
-        float* db = down.data() + b * D;
-        if (m.sandwich) rms_norm(db, L.post_ffw_norm, m.eps, db, D);
-        for (int64_t i = 0; i < D; ++i) hb[i] += db[i];
-      }
+      for (int64_t b = 0; b < B; ++b) add_branch(h + b * D, down.data() + b * D, L.post_ffw_norm, m.eps, D);
     }
   }
   return 0;
@@ -494,7 +474,7 @@ int gk_rescored_head(const float* h, const float* norm, float eps, int64_t batch
       for (int64_t r = 0; r < 64; ++r) rows.push_back(blk * 64 + r);
     float* yb = y + b * n;
     for (int64_t row : largest(yb, rows, candidates))
-      yb[row] = dot_i8(table + row * k, x.data() + b * k, k) * table_scale[row];
+      yb[row] = dot(table + row * k, x.data() + b * k, k) * table_scale[row];
   }
 #endif
   return 0;
