@@ -40,8 +40,11 @@ def dequantized_reference(quantized: torch.nn.Module, fp32: torch.nn.Module) -> 
     return fp32
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
-def test_native_step_equals_fp32_dequantized_model(family, tmp_path):
+@pytest.mark.parametrize(("family", "prompt", "pad"), [("gemma", PROMPT, 3), ("gemma2", PROMPT, 3),
+                                                     ("gemma3", PROMPT, 3), ("gemma3", 100, 40)])
+def test_native_step_equals_fp32_dequantized_model(family, prompt, pad, tmp_path):
+    """The last case attends over 100+ keys in global layers: several key chunks, the first of them all
+    padding for row 0 (a chunk with no visible key), merged exactly."""
     model = quantize_model(tiny(family, tmp_path), "int8")
     reference = dequantized_reference(model, build_model(hf.read_config(tmp_path), hf.read_state_dict(tmp_path),
                                                          torch.float32, tmp_path).eval())
@@ -49,11 +52,11 @@ def test_native_step_equals_fp32_dequantized_model(family, tmp_path):
     decoder = native_decode.NativeDecoder(model, native_decode.library())
     config = model.config
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, VOCAB, (2, PROMPT), generator=gen)
-    ids[0, :3] = config.pad_id
-    caches = [KVCache(config, 2, PROMPT + STEPS + 1, torch.float32) for _ in range(2)]
+    ids = torch.randint(3, VOCAB, (2, prompt), generator=gen)
+    ids[0, :pad] = config.pad_id
+    caches = [KVCache(config, 2, prompt + STEPS + 1, torch.float32) for _ in range(2)]
     for cache in caches:
-        cache.pad.copy_(torch.tensor([3, 0]))
+        cache.pad.copy_(torch.tensor([pad, 0]))
     worst_h = worst_k = 0.0
     with torch.inference_mode():
         reference.hidden_states(ids, cache=caches[0])

@@ -138,27 +138,24 @@ void geglu(const float* g, const float* u, float* out, int64_t n) {
   }
 }
 
-// p = softmax(s) over n values, in place
-void softmax(float* s, int64_t n) {
-  float mx = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) mx = s[i] > mx ? s[i] : mx;
+// s[i] = exp(s[i] - shift) in place; returns their sum
+float exp_shifted(float* s, int64_t n, float shift) {
   float sum = 0.0f;
   int64_t i = 0;
 #if defined(__AVX512F__)
-  __m512 vmx = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
+  __m512 vshift = _mm512_set1_ps(shift), vsum = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) {
-    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), vmx));
+    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), vshift));
     _mm512_storeu_ps(s + i, e);
     vsum = _mm512_add_ps(vsum, e);
   }
   sum = _mm512_reduce_add_ps(vsum);
 #endif
   for (; i < n; ++i) {
-    s[i] = std::exp(s[i] - mx);
+    s[i] = std::exp(s[i] - shift);
     sum += s[i];
   }
-  float inv = 1.0f / sum;
-  for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+  return sum;
 }
 
 // --- int8 weight-only matrix-vector products --------------------------------------------------------------------
@@ -200,26 +197,52 @@ inline bool visible(const GkModel& m, int64_t b, int64_t time, int64_t now) {
   return time >= m.pad[b] || time == now;
 }
 
-void attend_head(const GkModel& m, const GkLayer& layer, int64_t b, int64_t head, int64_t now, const float* q,
-                 float* out, std::vector<float>& scores, std::vector<int64_t>& slots) {
-  const int64_t d = m.head_dim, kv = head / (m.heads / m.kv_heads);
-  const bool sliding = layer.sliding != 0;
-  const int64_t used = sliding ? (now + 1 < layer.slots ? now + 1 : layer.slots) : now + 1;
+// Flash-decoding: the keys are cut into chunks attended in parallel, each giving per query head its largest
+// score, the sum of exp(score - largest) and the unnormalised output; `merge_chunks` combines them exactly.
+// A chunk serves all query heads that share its kv head, so each key and value is read once per chunk.
+// part: [groups, 2 + head_dim] (largest score, sum, output) for the rows' query heads q [groups, head_dim].
+void attend_chunk(const GkModel& m, const GkLayer& layer, int64_t b, int64_t kv, int64_t now, int64_t lo,
+                  int64_t hi, const float* q, float* part, std::vector<float>& scores, std::vector<int64_t>& slots) {
+  const int64_t d = m.head_dim, groups = m.heads / m.kv_heads;
   const float* keys = layer.keys + (b * m.kv_heads + kv) * layer.slots * d;
   const float* values = layer.values + (b * m.kv_heads + kv) * layer.slots * d;
-  scores.clear();
   slots.clear();
-  for (int64_t s = 0; s < used; ++s) {
-    int64_t time = sliding ? m.ring_times[s] : s;
-    if (!visible(m, b, time, now)) continue;
-    float score = dot(q, keys + s * d, d) * m.scale;
-    if (m.attn_softcap > 0) score = std::tanh(score / m.attn_softcap) * m.attn_softcap;
-    scores.push_back(score);
-    slots.push_back(s);
+  for (int64_t s = lo; s < hi; ++s)
+    if (visible(m, b, layer.sliding ? m.ring_times[s] : s, now)) slots.push_back(s);
+  const int64_t n = static_cast<int64_t>(slots.size());
+  scores.resize(groups * n);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < groups; ++j) {
+      float score = dot(q + j * d, keys + slots[i] * d, d) * m.scale;
+      if (m.attn_softcap > 0) score = std::tanh(score / m.attn_softcap) * m.attn_softcap;
+      scores[j * n + i] = score;
+    }
+  for (int64_t j = 0; j < groups; ++j) {
+    float* row = scores.data() + j * n;
+    float largest = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) largest = row[i] > largest ? row[i] : largest;
+    part[j * (d + 2)] = largest;
+    part[j * (d + 2) + 1] = exp_shifted(row, n, largest);  // 0 for an empty chunk
+    std::memset(part + j * (d + 2) + 2, 0, sizeof(float) * d);
   }
-  softmax(scores.data(), static_cast<int64_t>(scores.size()));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < groups; ++j) axpy(scores[j * n + i], values + slots[i] * d, part + j * (d + 2) + 2, d);
+}
+
+// softmax(scores) @ values for query head j from the chunks' partial results [chunks, groups, 2 + head_dim].
+// A chunk with no visible key has largest -inf, sum 0 and output 0, so its weight exp(-inf) is 0.
+void merge_chunks(const float* parts, int64_t chunks, int64_t groups, int64_t j, int64_t d, float* out) {
+  float largest = -INFINITY;
+  for (int64_t c = 0; c < chunks; ++c) largest = std::max(largest, parts[(c * groups + j) * (d + 2)]);
+  float total = 0.0f;
   std::memset(out, 0, sizeof(float) * d);
-  for (size_t i = 0; i < scores.size(); ++i) axpy(scores[i], values + slots[i] * d, out, d);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* part = parts + (c * groups + j) * (d + 2);
+    const float weight = std::exp(part[0] - largest);
+    total += weight * part[1];
+    axpy(weight, part + 2, out, d);
+  }
+  for (int64_t i = 0; i < d; ++i) out[i] /= total;  // every query sees at least itself: total > 0
 }
 
 // x * cos + roll(x, d/2) * signed_sin, in place, for one head
@@ -244,6 +267,8 @@ int gk_decode_step(const GkModel* model, float* h, int64_t now, int threads) {
   const int64_t qd = m.heads * hd, kvd = m.kv_heads * hd;
   std::vector<float> xn(B * D), q(B * qd), k(B * kvd), v(B * kvd), att(B * qd), o(B * D);
   std::vector<float> gate(B * I), up(B * I), act(B * I), down(B * D);
+  const int64_t groups = m.heads / m.kv_heads, max_chunks = 2 * threads;
+  std::vector<float> parts(B * m.kv_heads * max_chunks * groups * (hd + 2));
   std::vector<int64_t> pos(B);
   for (int64_t b = 0; b < B; ++b) pos[b] = now - m.pad[b] > 0 ? now - m.pad[b] : 0;
 
@@ -281,11 +306,20 @@ int gk_decode_step(const GkModel* model, float* h, int64_t now, int threads) {
         }
       }
 
+      // attention: chunks of at least 32 keys, up to two per thread, then the merge per query head
+      const int64_t used = L.sliding ? (now + 1 < L.slots ? now + 1 : L.slots) : now + 1;
+      const int64_t key_chunks = std::max<int64_t>(1, std::min<int64_t>(max_chunks, used / 32));
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < B * m.kv_heads * key_chunks; ++t) {
+        const int64_t b = t / (m.kv_heads * key_chunks), kv = t / key_chunks % m.kv_heads, c = t % key_chunks;
+        attend_chunk(m, L, b, kv, now, c * used / key_chunks, (c + 1) * used / key_chunks,
+                     q.data() + b * qd + kv * groups * hd, parts.data() + t * groups * (hd + 2), scores, slots);
+      }
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < B * m.heads; ++t) {
-        const int64_t b = t / m.heads, head = t % m.heads;
-        attend_head(m, L, b, head, now, q.data() + b * qd + head * hd, att.data() + b * qd + head * hd, scores,
-                    slots);
+        const int64_t b = t / m.heads, head = t % m.heads, kv = head / groups;
+        merge_chunks(parts.data() + (b * m.kv_heads + kv) * key_chunks * groups * (hd + 2), key_chunks, groups,
+                     head % groups, hd, att.data() + b * qd + head * hd);
       }
 
       const MatVec out_proj[1] = {{L.wo, L.so, D, qd, att.data(), o.data()}};
