@@ -2,7 +2,8 @@
 
     python bench/compare.py [--model default] [--threads 2] [--windows 4] [--runners gemmakit,gemmakit-compiled,...]
 
-Figures (issue 3): decode tok/s (batch 1, greedy, 128 new tokens after a ~50-token prompt; prefill excluded),
+Figures (issue 3): decode tok/s (batch 1, greedy, 128 new tokens after a ~50-token prompt, timed after a 16-token
+warm-up decode in the same process; prefill excluded),
 prefill tok/s (1024-token prompt, last-position logits only), perplexity on tinyshakespeare (512-token
 windows, the same token ids for everyone), load time (second load in the same process; transformers: first,
 since it re-converts every time anyway), peak resident memory while decoding (VmHWM, reset just before
@@ -276,6 +277,7 @@ def _gemmakit(**load_kw) -> dict:
         for _ in generate_tokens(mod, [TOKENS["decode_prompt"]], n):
             pass
         compile_s = time.perf_counter() - start
+    _gemmakit_decode_tps(mod, WARMUP_TOKENS)
     reset_peak_rss()
     decode_tps = _gemmakit_decode_tps(mod)
     rss = vm_kb("VmHWM") / 1024
@@ -297,23 +299,40 @@ def _gemmakit(**load_kw) -> dict:
             "scheme": str(getattr(mod, "quant_scheme", None)), "compile_s": compile_s}
 
 
-def _gemmakit_decode_tps(mod) -> float:
+WARMUP_TOKENS = 16  # every runner decodes this many tokens once before the timed decode (first-run costs)
+
+
+def _gemmakit_decode_tps(mod, new_tokens: int | None = None) -> float:
     from gemmakit.engine import generate_tokens
 
     times = []
-    for step in generate_tokens(mod, [TOKENS["decode_prompt"]], TOKENS["new_tokens"]):  # greedy, no stop tokens
+    for step in generate_tokens(mod, [TOKENS["decode_prompt"]], new_tokens or TOKENS["new_tokens"]):  # greedy
         times.append(time.perf_counter())
         del step
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def _llama_decode_tps(llm) -> float:
+def _llama_decode_tps(llm, new_tokens: int | None = None) -> float:
     times = []
     for _ in llm.generate(TOKENS["decode_prompt"], top_k=1, temp=0.0, reset=True):
         times.append(time.perf_counter())
-        if len(times) == TOKENS["new_tokens"]:
+        if len(times) == (new_tokens or TOKENS["new_tokens"]):
             break
     return (len(times) - 1) / (times[-1] - times[0])
+
+
+def _transformers_decode_tps(model, new_tokens: int | None = None) -> float:
+    import torch
+
+    with torch.inference_mode():
+        out = model(torch.tensor([TOKENS["decode_prompt"]]), use_cache=True, logits_to_keep=1)
+        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        steps = (new_tokens or TOKENS["new_tokens"]) - 1
+        for _ in range(steps):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        return steps / (time.perf_counter() - start)
 
 
 def decode_only(name: str) -> dict:
@@ -322,13 +341,13 @@ def decode_only(name: str) -> dict:
         import gemmakit
 
         mod = gemmakit.load(TOKENS["path"]).module
-        _gemmakit_decode_tps(mod)
+        _gemmakit_decode_tps(mod, WARMUP_TOKENS)
         return {"decode_tps": _gemmakit_decode_tps(mod)}
     from llama_cpp import Llama
 
     threads = TOKENS["threads"]
     llm = Llama(TOKENS["path"], n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
-    _llama_decode_tps(llm)
+    _llama_decode_tps(llm, WARMUP_TOKENS)
     return {"decode_tps": _llama_decode_tps(llm)}
 
 
@@ -362,6 +381,7 @@ def run_llama() -> dict:
     start = time.perf_counter()
     llm = Llama(path, n_ctx=2048, **kw)
     load_s = time.perf_counter() - start
+    _llama_decode_tps(llm, WARMUP_TOKENS)
     reset_peak_rss()
     decode_tps = _llama_decode_tps(llm)
     rss = vm_kb("VmHWM") / 1024
@@ -394,17 +414,11 @@ def run_transformers() -> dict:
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     load_s = time.perf_counter() - start
+    _transformers_decode_tps(model, WARMUP_TOKENS)
     reset_peak_rss()
+    decode_tps = _transformers_decode_tps(model)
+    rss = vm_kb("VmHWM") / 1024
     with torch.inference_mode():
-        out = model(torch.tensor([TOKENS["decode_prompt"]]), use_cache=True, logits_to_keep=1)
-        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        start = time.perf_counter()
-        steps = TOKENS["new_tokens"] - 1
-        for _ in range(steps):
-            out = model(token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        decode_tps = steps / (time.perf_counter() - start)
-        rss = vm_kb("VmHWM") / 1024
         ids = torch.tensor([TOKENS["prefill_prompt"]])
         best = float("inf")
         for _ in range(2):
