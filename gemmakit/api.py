@@ -134,7 +134,7 @@ def load(path_or_name: str | Path = "default", dtype: str | torch.dtype | None =
     - `load(path)` of a GGUF (an already-quantised release file): the fastest path that keeps perplexity
       within 1% of the fp32 dequantised reference. On a CPU with AVX512-BF16 that is `quant="int8-rescore"`:
       int8 weights, bf16 activations (+0.2% perplexity on the 270M), and for decoding an int4 copy of the
-      LM head that picks 64 candidates whose logits are then recomputed in int8 (int4 everywhere would cost
+      LM head that picks 128 candidates whose logits are then recomputed in int8 (int4 everywhere would cost
       +18% perplexity, so it is never chosen for you). Everything else (HF directories, .ckpt files, other
       devices, CPUs without bf16) loads as stored in fp32, so training and export code that loads a
       checkpoint keeps plain `nn.Linear` layers.

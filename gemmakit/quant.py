@@ -56,7 +56,7 @@ class Scheme:
 
 # Named schemes accepted by `load(quant=...)` and `gemmakit quantize`. "int8" is the accurate one (perplexity
 # within 1% of fp32 on the 270M); "int8-rescore" is int8 plus an int4 copy of the head that decoding uses to
-# pick 64 candidates, re-scored exactly in int8 (reads ~40% fewer head bytes per token); "int4" reads the fewest
+# pick 128 candidates, re-scored exactly in int8 (reads ~40% fewer head bytes per token); "int4" reads the fewest
 # bytes but costs +18% perplexity; "int8-head4" keeps the layers at int8 and puts only the head at int4.
 SCHEMES: dict[str, Scheme] = {
     "bf16": Scheme("bf16", "bf16"),
@@ -260,7 +260,11 @@ def make_linear(w: torch.Tensor, fmt: str, group: int, dtype: torch.dtype) -> nn
 class QuantEmbedding(nn.Module):
     """The tied embedding in quantised form: `forward(ids)` looks rows up, `project(x, rows)` is the LM head."""
 
-    CANDIDATES = 64
+    # Tokens whose logits are recomputed exactly at decode time. The others keep the int4 head's values: on
+    # the real 270M over 400 tokens of prose, 128 candidates leave the sampling distribution within a total
+    # variation of 0.019 (median) of the exact int8 head's, half the 0.035 that int8 quantisation itself puts
+    # between that head and the fp32 model (64 candidates: 0.027; 256: 0.012, for 1.5% more time a token).
+    CANDIDATES = 128
 
     def __init__(self, table: nn.Module, dtype: torch.dtype, coarse: nn.Module | None = None) -> None:
         super().__init__()

@@ -113,19 +113,24 @@ def test_native_int8_head_equals_dequantized_product():
 @pytest.mark.skipif(not native_decode.library().gk_has_int4_matvec(), reason="the int4 head needs AVX512-VNNI")
 @pytest.mark.parametrize("group", [32, 64])
 def test_native_int4_head_error_is_bounded_by_activation_rounding(group):
-    """The int4 kernel rounds activations to int8 (one scale per row): each logit may move by at most
-    half a step of that rounding times the row's summed |weights|, and a wrong row order, nibble or group
-    scale would break the bound by orders of magnitude."""
+    """The int4 kernel rounds activations to int8 with one scale per group of inputs: each logit may move by
+    at most half a step of each group's rounding times the group's summed |weights|. A wrong row order, nibble
+    or group scale breaks the bound by orders of magnitude, and one activation scale per row (coarser where
+    the residual has an outlier) breaks it too."""
     gen = torch.Generator().manual_seed(2)
     lin = Int4Linear.from_weight(torch.randn(256, 128, generator=gen), group, torch.bfloat16)
     x = torch.randn(2, 128, generator=gen)
+    x[0, 3] = 40.0  # an outlier, as Gemma's normed residuals have
     head = native_decode.NativeHead(native_decode.library())
     w = lin.dequantized_rows(torch.arange(256)).double()  # [N, K], what the packed codes mean
     expected = x.double() @ w.t()
     got = head(lin, x, coarse=True)
     assert got is not None
-    step = x.abs().amax(dim=1, keepdim=True).double() / 127
-    bound = 0.5 * step * w.abs().sum(dim=1)[None, :] + 1e-4
+    # per group of inputs: half an int8 step of that group's activations times the group's summed |weights|
+    groups = x.double().view(2, -1, group)  # [M, G, g]
+    step = groups.abs().amax(dim=-1) / 127  # [M, G]
+    weight_mass = w.abs().view(256, -1, group).sum(dim=-1)  # [N, G]
+    bound = 0.5 * step @ weight_mass.t() + 1e-4  # [M, N]
     assert ((got.double() - expected).abs() <= bound).all()
     assert head(lin, x, coarse=False) is None  # a head that is not only ranking keeps torch's kernel
 
@@ -155,7 +160,7 @@ def test_hooks_send_decoding_back_to_the_eager_path(tmp_path):
 def test_rescored_head_recomputes_the_coarse_top_candidates_exactly():
     """int8-rescore's decode head in one native call: the coarse int4 logits everywhere, except the top
     CANDIDATES of each row, which hold the exact int8 logits of the normed residual (a vocabulary of 8192 rows,
-    large enough for the block search: 64 candidates need at least 64 blocks of 64). Residuals of +-1 with
+    large enough for the block search: 128 candidates need at least 128 blocks of 64). Residuals of +-1 with
     eps 0 make the norm exact, so torch's normed x is bit for bit the kernel's."""
     from gemmakit.model import RMSNorm
     from gemmakit.quant import QuantEmbedding

@@ -366,7 +366,7 @@ constexpr int kInt4Head = 1;
 // multiplies them by four int8 activations in one instruction. Lane l of accumulator a (a = 0..3) holds row
 // 4a + (l & 3) + 16 * (l >> 2) of the block (the order the byte unpacks leave), and +32 for the high nibbles.
 void int4_block(const uint8_t* block, const uint16_t* sz, int64_t rows, int64_t k, int64_t group,
-                const int8_t* xq, float x_scale, const float* group_sums, float* y) {
+                const int8_t* xq, const float* x_scales, const float* group_sums, float* y) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), high16 = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 out[8];
   for (auto& o : out) o = _mm256_setzero_ps();
@@ -399,7 +399,7 @@ void int4_block(const uint8_t* block, const uint16_t* sz, int64_t rows, int64_t 
       const __m256i pairs = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
       const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
       const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, high16));
-      const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[a]), _mm256_set1_ps(x_scale));
+      const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[a]), _mm256_set1_ps(x_scales[g0 / group]));
       // sum_k ((q - 8) * scale + zero) * x = scale * (q . x) + (zero - 8 * scale) * sum_k x
       out[a] = _mm256_fmadd_ps(scale, dot, out[a]);
       out[a] = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale, zero), _mm256_set1_ps(xs), out[a]);
@@ -416,25 +416,26 @@ constexpr int kInt4Head = 0;
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
-// Activations for int4_block: int8 codes with one scale per row, and each group's exact fp32 sum.
+// Activations for int4_block: int8 codes with one scale per group of the weight's groups (an outlier in the
+// normed residual then coarsens only its own group), and each group's exact fp32 sum.
 struct Int8Activations {
   std::vector<int8_t> codes;
-  std::vector<float> scale, group_sums;
+  std::vector<float> scales, sums;  // [batch, k / group] each
 };
 
 Int8Activations quantize_rows(const float* x, int64_t batch, int64_t k, int64_t group) {
-  Int8Activations a{std::vector<int8_t>(batch * k), std::vector<float>(batch), std::vector<float>(batch * (k / group))};
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* xb = x + b * k;
-    float amax = 0.0f;
-    for (int64_t i = 0; i < k; ++i) amax = std::fabs(xb[i]) > amax ? std::fabs(xb[i]) : amax;
-    a.scale[b] = amax > 0 ? amax / 127.0f : 1.0f;
-    for (int64_t i = 0; i < k; ++i) a.codes[b * k + i] = static_cast<int8_t>(std::nearbyint(xb[i] / a.scale[b]));
-    for (int64_t g = 0; g < k / group; ++g) {
-      float sum = 0.0f;
-      for (int64_t i = g * group; i < (g + 1) * group; ++i) sum += xb[i];
-      a.group_sums[b * (k / group) + g] = sum;
+  const int64_t groups = batch * (k / group);
+  Int8Activations a{std::vector<int8_t>(batch * k), std::vector<float>(groups), std::vector<float>(groups)};
+  for (int64_t g = 0; g < groups; ++g) {  // rows are whole numbers of groups, so groups run over all rows
+    const float* xg = x + g * group;
+    float amax = 0.0f, sum = 0.0f;
+    for (int64_t i = 0; i < group; ++i) {
+      amax = std::fabs(xg[i]) > amax ? std::fabs(xg[i]) : amax;
+      sum += xg[i];
     }
+    a.scales[g] = amax > 0 ? amax / 127.0f : 1.0f;
+    a.sums[g] = sum;
+    for (int64_t i = 0; i < group; ++i) a.codes[g * group + i] = static_cast<int8_t>(std::nearbyint(xg[i] / a.scales[g]));
   }
   return a;
 }
@@ -448,8 +449,8 @@ void int4_matvec(const uint8_t* packed, const uint16_t* sz, int64_t n, int64_t k
   for (int64_t blk = 0; blk < blocks; ++blk)
     for (int64_t b = 0; b < batch; ++b) {
       float* out = y + b * n + blk * 64;
-      int4_block(packed + blk * k * 32, sz + blk * 64 * 2, n, k, group, a.codes.data() + b * k, a.scale[b],
-                 a.group_sums.data() + b * (k / group), out);
+      int4_block(packed + blk * k * 32, sz + blk * 64 * 2, n, k, group, a.codes.data() + b * k,
+                 a.scales.data() + b * (k / group), a.sums.data() + b * (k / group), out);
       if (block_max != nullptr) {
         float mx = out[0];
         for (int r = 1; r < 64; ++r) mx = out[r] > mx ? out[r] : mx;
@@ -503,10 +504,17 @@ int gk_rescored_head(const float* h, const float* norm, float eps, int64_t batch
   for (int64_t b = 0; b < batch; ++b) {
     std::vector<int64_t> blocks(n / 64);
     for (int64_t i = 0; i < n / 64; ++i) blocks[i] = i;
-    std::vector<int64_t> rows;
-    for (int64_t blk : largest(block_max.data() + b * (n / 64), blocks, candidates))
-      for (int64_t r = 0; r < 64; ++r) rows.push_back(blk * 64 + r);
+    // the candidates-th largest block maximum is a floor for the candidates largest values (the chosen blocks'
+    // maxima are that many values at least as large), so only values above it need ranking
+    const float* maxima = block_max.data() + b * (n / 64);
+    const std::vector<int64_t> chosen = largest(maxima, blocks, candidates);
+    float floor = INFINITY;
+    for (int64_t blk : chosen) floor = std::min(floor, maxima[blk]);
     float* yb = y + b * n;
+    std::vector<int64_t> rows;
+    for (int64_t blk : chosen)
+      for (int64_t r = blk * 64; r < blk * 64 + 64; ++r)
+        if (yb[r] >= floor) rows.push_back(r);
     for (int64_t row : largest(yb, rows, candidates))
       yb[row] = dot(table + row * k, x.data() + b * k, k) * table_scale[row];
   }
