@@ -270,18 +270,21 @@ class NativeDecoder:
 class NativeHead:
     """Decode-time LM head products for `QuantEmbedding.matvec`: int8 heads exactly (fp32 activations, one
     sequential stream per row), and the int4 candidate-picking head of `int8-rescore` with int8 activations
-    and VNNI dot products. The latter adds the activations' rounding to the int4 head's own error; it only
-    ranks candidates (whose logits are recomputed from the int8 table) and fills the unlikely tail."""
+    (one scale per group of inputs) and VNNI dot products. The latter adds the activations' rounding to the
+    int4 head's own error; it only ranks candidates (whose logits are recomputed from the int8 table) and
+    fills the unlikely tail."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
         self.int4 = bool(lib.gk_has_int4_matvec())
-        self._scales: dict[int, torch.Tensor] = {}  # fp32 copies of int8 heads' scales, by data pointer
+        # fp32 copies of int8 heads' scales, by data pointer and version (an in-place change makes a new copy)
+        self._scales: dict[tuple[int, int], torch.Tensor] = {}
 
     def _fp32_scales(self, lin: Int8Linear) -> torch.Tensor:
-        scales = self._scales.get(lin.scales.data_ptr())
+        key = (lin.scales.data_ptr(), lin.scales._version)
+        scales = self._scales.get(key)
         if scales is None:
-            scales = self._scales[lin.scales.data_ptr()] = lin.scales.float()
+            scales = self._scales[key] = lin.scales.float()
         return scales
 
     def rescored(self, emb: QuantEmbedding, norm: RMSNorm, h: torch.Tensor) -> torch.Tensor | None:
