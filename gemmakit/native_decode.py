@@ -39,7 +39,9 @@ from gemmakit.model import RMSNorm, Transformer
 from gemmakit.quant import Int4Linear, Int8Linear, QuantEmbedding
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.cpp"
-MAX_BATCH = 8  # above this many rows, dot products row by row lose to torch's register-blocked GEMMs
+# Rows decoded together at most. Our row-by-row dot products stop gaining at about 8 rows, torch's GEMMs keep
+# gaining: total tok/s on the 270M, native vs eager, 343 vs 262 at 8 rows and 339 vs 307 at 16.
+MAX_BATCH = 16
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 _ptr = ctypes.c_void_p
