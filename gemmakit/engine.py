@@ -7,7 +7,7 @@ positions and hides its padding from attention.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,11 +79,13 @@ def argmax_rows(logits: torch.Tensor, block: int = 64) -> torch.Tensor:
 
 
 def choose(logits: torch.Tensor, sampling: Sampling,
-           generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+           generator: torch.Generator | Sequence[torch.Generator] | None,
+           argmax: Callable[[torch.Tensor], torch.Tensor] = argmax_rows) -> torch.Tensor:
     """Next token ids [B] from last-position logits [B, V]. Given one generator per row, row r draws only from
-    generator r, so its sample does not depend on which other rows share the batch."""
+    generator r, so its sample does not depend on which other rows share the batch. `argmax` is the greedy
+    choice (a step decoder may bring a faster one with the same result)."""
     if sampling.greedy:
-        return argmax_rows(logits)
+        return argmax(logits)
     probs = torch.softmax(filter_logits(logits, sampling), dim=-1)
     if isinstance(generator, (list, tuple)):
         return torch.cat([torch.multinomial(probs[r: r + 1], 1, generator=g) for r, g in enumerate(generator)])[:, 0]
@@ -141,10 +143,11 @@ def generate_tokens(
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     # a step decoder (torch.compile'd if asked for, else the native int8 step) when it can take this cache
     decoder = getattr(model, "compiled_decoder", None) or getattr(model, "native_decoder", None)
+    greedy = getattr(decoder, "argmax", argmax_rows)
     with torch.inference_mode():
         logits = model(ids.to(device), cache=cache, last_only=True)[:, -1]
         for step in range(max_new_tokens):
-            token = choose(logits, sampling, generator)
+            token = choose(logits, sampling, generator, greedy)
             yield token
             done |= torch.isin(token, stops)
             if bool(done.all()) or step == max_new_tokens - 1 or cache.length >= capacity:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from gemmakit.cache import KVCache
+from gemmakit.engine import argmax_rows
 from gemmakit.errors import InputError
 from gemmakit.model import RMSNorm, Transformer
 from gemmakit.quant import Int4Linear, Int8Linear, QuantEmbedding
@@ -60,7 +61,9 @@ class _Model(ctypes.Structure):
                                           "num_layers")] + \
                [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("attn_softcap", ctypes.c_float),
                 ("layers", ctypes.POINTER(_Layer))] + \
-               [(name, _ptr) for name in ("cos_local", "sin_local", "cos_global", "sin_global", "pad", "ring_times")]
+               [(name, _ptr) for name in ("cos_local", "sin_local", "cos_global", "sin_global", "pad", "ring_times",
+                                          "embed_table", "embed_scales")] + \
+               [("normaliser", ctypes.c_float)]
 
 
 # --- building and loading the library ---------------------------------------------------------------------------
@@ -129,7 +132,9 @@ def library() -> ctypes.CDLL | None:
         if os.environ.get("GEMMAKIT_NATIVE") != "0":
             warnings.warn(f"gemmakit's native decode step is unavailable, decoding stays eager: {err}", stacklevel=2)
         return None
-    lib.gk_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, _i64, ctypes.c_int]
+    lib.gk_decode_step.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _i64, ctypes.c_int]
+    lib.gk_argmax.argtypes = [_ptr, _i64, _i64, _ptr]
+    lib.gk_argmax.restype = None
     lib.gk_decode_step.restype = ctypes.c_int
     lib.gk_int4_matvec.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_int]
     lib.gk_int4_matvec.restype = ctypes.c_int
@@ -155,14 +160,32 @@ def supports(model: Transformer) -> bool:
 
 @dataclass
 class _Binding:
-    """The step's view of one model and one cache: the C structs and every tensor they point into."""
+    """The step's view of one model and one cache: the C structs, the LM head's arguments (when the native
+    head serves this model), and every tensor they point into."""
 
     struct: _Model
     layers: ctypes.Array
     tensors: list[torch.Tensor]
+    head: tuple | None  # gk_rescored_head's arguments between h and y
+    vocab: int
 
 
-def _bind(model: Transformer, cache: KVCache) -> _Binding:
+def _head_args(lib: ctypes.CDLL, emb: torch.nn.Module, norm: RMSNorm, batch: int,
+               keep: list[torch.Tensor]) -> tuple | None:
+    """gk_rescored_head's arguments (between h and y) for `int8-rescore`'s head, or None when the model's head is
+    not that pair (or the CPU lacks VNNI). The tensors they point into are appended to `keep`."""
+    coarse, table = getattr(emb, "coarse", None), getattr(emb, "table", None)
+    if not (lib.gk_has_int4_matvec() and type(coarse) is Int4Linear and type(table) is Int8Linear
+            and coarse.scales_zeros.dtype == torch.bfloat16 and coarse.out_features // 64 >= emb.CANDIDATES):
+        return None
+    multiplier, scales = norm.multiplier(), table.scales.float()
+    keep += [multiplier, scales]
+    return (multiplier.data_ptr(), norm.eps, batch, coarse.weight_int4.data_ptr(), coarse.scales_zeros.data_ptr(),
+            coarse.out_features, coarse.in_features, coarse.group, table.weight_int8.data_ptr(), scales.data_ptr(),
+            emb.CANDIDATES)
+
+
+def _bind(lib: ctypes.CDLL, model: Transformer, cache: KVCache) -> _Binding:
     """Pointers to the weights (read now, so weights changed between generations are seen) and to `cache`'s
     buffers, which the step writes in place."""
     config = model.config
@@ -203,6 +226,8 @@ def _bind(model: Transformer, cache: KVCache) -> _Binding:
         entry.sliding = int(block.sliding)
     tables = {sliding: model.rope_table(sliding, cache.capacity) for sliding in (True, False)}
     softcap = config.attn_softcap
+    emb = model.model.embed_tokens
+    table = emb.table if isinstance(emb, QuantEmbedding) and type(emb.table) is Int8Linear else None
     struct = _Model(
         batch=cache.batch_size, hidden=config.hidden_size, heads=config.num_heads, kv_heads=config.num_kv_heads,
         head_dim=config.head_dim, intermediate=config.intermediate_size, num_layers=config.num_layers,
@@ -210,8 +235,13 @@ def _bind(model: Transformer, cache: KVCache) -> _Binding:
         attn_softcap=softcap if softcap is not None else 0.0, layers=layers,
         cos_local=ptr(tables[True][0]), sin_local=ptr(tables[True][1]),
         cos_global=ptr(tables[False][0]), sin_global=ptr(tables[False][1]),
-        pad=buffer(cache.pad), ring_times=buffer(cache.ring_times))
-    return _Binding(struct, layers, tensors)
+        pad=buffer(cache.pad), ring_times=buffer(cache.ring_times),
+        # the embedding in fp32, E[id] * sqrt(d) with the dequantised int8 row (the eager path rounds it to bf16)
+        embed_table=None if table is None else ptr(table.weight_int8),
+        embed_scales=None if table is None else ptr(table.scales.float()),
+        normaliser=config.hidden_size ** 0.5)
+    head = _head_args(lib, emb, model.model.norm, cache.batch_size, tensors)
+    return _Binding(struct, layers, tensors, head, config.vocab_size)
 
 
 class NativeDecoder:
@@ -232,6 +262,7 @@ class NativeDecoder:
         self._hook_dicts += [torch.nn.modules.module._global_forward_hooks,
                              torch.nn.modules.module._global_forward_pre_hooks]
         self._bindings: weakref.WeakKeyDictionary[KVCache, _Binding] = weakref.WeakKeyDictionary()
+        self._last: tuple[weakref.ref[KVCache], _Binding] | None = None  # the binding used last, looked up first
 
     @property
     def model(self) -> Transformer:
@@ -247,26 +278,57 @@ class NativeDecoder:
 
     def step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, V] for one new token per row; advances `cache` exactly as an eager forward would."""
-        model = self.model
-        h = self.hidden_states(ids, cache)
-        emb = model.model.embed_tokens
-        head = getattr(emb, "matvec", None)
-        logits = head.rescored(emb, model.model.norm, h) if isinstance(head, NativeHead) else None
-        return model.unembed(h)[:, -1] if logits is None else model.cap_logits(logits)
+        binding = self._binding(cache)
+        h = self._advance(binding, ids, cache, None)
+        if binding.head is not None:
+            logits = torch.empty(h.shape[0], binding.vocab)
+            done = self.lib.gk_rescored_head(h.data_ptr(), *binding.head, logits.data_ptr(), torch.get_num_threads())
+            if done == 0:
+                return self.model.cap_logits(logits)
+        return self.model.unembed(h.unsqueeze(1))[:, -1]
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits.argmax(-1)` (first index of the maximum, NaN counted largest) in one pass over [B, V] fp32
+        logits, while they are still in cache; other tensors go to `engine.argmax_rows`."""
+        if logits.dtype != torch.float32 or logits.dim() != 2 or not logits.is_contiguous() or logits.is_cuda:
+            return argmax_rows(logits)
+        out = torch.empty(logits.shape[0], dtype=torch.long)
+        self.lib.gk_argmax(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr())
+        return out
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache, embedded: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream [B, 1, d] (fp32) after the last layer for ids [B, 1] (or their `embedded` inputs
         [B, 1, d]), written into `cache` as the model's own `hidden_states` would."""
+        return self._advance(self._binding(cache), ids, cache, embedded).unsqueeze(1)
+
+    def _binding(self, cache: KVCache) -> _Binding:
+        if self._last is not None and self._last[0]() is cache:
+            return self._last[1]
         binding = self._bindings.get(cache)
         if binding is None:
-            binding = self._bindings[cache] = _bind(self.model, cache)
+            binding = self._bindings[cache] = _bind(self.lib, self.model, cache)
+        self._last = (weakref.ref(cache), binding)
+        return binding
+
+    def _advance(self, binding: _Binding, ids: torch.Tensor, cache: KVCache,
+                 embedded: torch.Tensor | None) -> torch.Tensor:
+        """One step through the layers: h [B, d] fp32, embedded by the library when it holds the table."""
         now = cache.length
         cache.ring_times[now % cache.ring_size] = now
-        h = self.model.embed(ids) if embedded is None else embedded
-        h = h.to(torch.float32).reshape(ids.shape[0], -1).contiguous()
-        self.lib.gk_decode_step(ctypes.byref(binding.struct), h.data_ptr(), now, torch.get_num_threads())
+        rows = ids.shape[0]
+        threads = torch.get_num_threads()
+        if embedded is None and binding.struct.embed_table:
+            h = torch.empty(rows, self.model.config.hidden_size)
+            tokens = ids.reshape(rows).to(torch.long).contiguous()
+            done = self.lib.gk_decode_step(ctypes.byref(binding.struct), h.data_ptr(), tokens.data_ptr(), now, threads)
+        else:
+            h = self.model.embed(ids) if embedded is None else embedded
+            h = h.to(torch.float32).reshape(rows, -1).contiguous()
+            done = self.lib.gk_decode_step(ctypes.byref(binding.struct), h.data_ptr(), None, now, threads)
+        if done != 0:
+            raise RuntimeError(f"native decode step failed ({done})")
         cache.length = now + 1
-        return h.unsqueeze(1)
+        return h
 
 
 class NativeHead:
@@ -292,19 +354,15 @@ class NativeHead:
     def rescored(self, emb: QuantEmbedding, norm: RMSNorm, h: torch.Tensor) -> torch.Tensor | None:
         """Logits [B, V] of residuals h [B, 1, d] through the final norm and `int8-rescore`'s head, in one call:
         the int4 head's logits with the top `CANDIDATES` of each row recomputed from the int8 table (in fp32,
-        where the torch path rounds them to bf16). None when the head is not that pair."""
-        coarse, table = emb.coarse, emb.table
-        if not (self.int4 and type(coarse) is Int4Linear and type(table) is Int8Linear
-                and coarse.scales_zeros.dtype == torch.bfloat16):
-            return None
+        where the torch path rounds them to bf16). None when the head is not that pair. (The decoder binds the
+        same arguments once per generation.)"""
         x = h.reshape(-1, h.shape[-1]).to(torch.float32).contiguous()
-        y = torch.empty(x.shape[0], coarse.out_features)
-        multiplier = norm.multiplier()  # held here: with autograd on it is a fresh tensor, freed after the call
-        done = self.lib.gk_rescored_head(
-            x.data_ptr(), multiplier.data_ptr(), norm.eps, x.shape[0], coarse.weight_int4.data_ptr(),
-            coarse.scales_zeros.data_ptr(), coarse.out_features, coarse.in_features, coarse.group,
-            table.weight_int8.data_ptr(), self._fp32_scales(table).data_ptr(), emb.CANDIDATES, y.data_ptr(),
-            torch.get_num_threads())
+        keep: list[torch.Tensor] = []  # with autograd on, the norm's multiplier is a fresh tensor: held here
+        args = _head_args(self.lib, emb, norm, x.shape[0], keep)
+        if args is None:
+            return None
+        y = torch.empty(x.shape[0], emb.num_embeddings)
+        done = self.lib.gk_rescored_head(x.data_ptr(), *args, y.data_ptr(), torch.get_num_threads())
         return y if done == 0 else None
 
     def __call__(self, lin: torch.nn.Module, x: torch.Tensor, coarse: bool = False) -> torch.Tensor | None:

@@ -187,3 +187,28 @@ def test_rescored_head_recomputes_the_coarse_top_candidates_exactly():
         assert torch.equal(logits[row][~rescored], coarse[row][~rescored])  # the tail keeps the coarse values
         err = (logits[row][rescored].double() - exact[row][rescored]).abs().max().item()
         assert err <= 1e-5 * exact[row].abs().max().item()
+
+
+def test_native_embedding_is_the_fp32_dequantized_row_times_sqrt_d(tmp_path):
+    model = quantize_model(tiny("gemma3", tmp_path), "int8")
+    decoder = native_decode.NativeDecoder(model, native_decode.library())
+    table = model.model.embed_tokens.table
+    ids = torch.tensor([[7], [300]])
+    caches = [KVCache(model.config, 2, 4, torch.float32) for _ in range(2)]
+    embedded = (table.weight_int8[ids[:, 0]].float() * table.scales.float()[ids[:, 0], None]
+                * model.config.hidden_size ** 0.5).unsqueeze(1)
+    with torch.inference_mode():
+        got = decoder.hidden_states(ids, caches[0])  # embedded by the library
+        expected = decoder.hidden_states(ids, caches[1], embedded)
+    assert (got - expected).abs().max().item() <= 1e-6 * expected.abs().max().item()
+
+
+def test_native_argmax_is_torch_argmax():
+    decoder = native_decode.NativeDecoder(torch.nn.Module(), native_decode.library())
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(5, 1003, generator=gen)  # not a multiple of the vector width
+    logits[1, [17, 500, 1001]] = 9.0  # ties: the first wins
+    logits[2, [999, 1002]] = 9.0  # ties in the scalar tail
+    logits[3, [40, 600]] = float("nan")  # NaN counts as the largest, the first one
+    logits[4] = -1.0
+    assert torch.equal(decoder.argmax(logits), logits.argmax(dim=-1))

@@ -46,6 +46,9 @@ struct GkModel {
   const float *cos_local, *sin_local, *cos_global, *sin_global;  // [positions, head_dim]; sin carries rope's sign
   const int64_t* pad;         // [B] left padding of each row
   const int64_t* ring_times;  // [ring size] time held by each sliding slot (-1: empty)
+  const int8_t* embed_table;  // the int8 embedding [vocab, hidden] with fp32 row scales, or null (the caller embeds)
+  const float* embed_scales;
+  float normaliser;           // sqrt(hidden), Gemma's embedding scale
 };
 
 }  // extern "C"
@@ -262,9 +265,18 @@ void rope(float* x, const float* cos, const float* sin, int64_t d) {
 extern "C" {
 
 // Advance every row of `h` ([B, hidden] fp32, updated in place) through all layers at time `now`, writing
-// this step's keys and values into the cache. The caller has already put `now` into the ring's slot.
-int gk_decode_step(const GkModel* model, float* h, int64_t now, int threads) {
+// this step's keys and values into the cache. The caller has already put `now` into the ring's slot. With
+// `ids` ([B] token ids), h is first filled with their embeddings, E[id] * sqrt(hidden) in fp32.
+int gk_decode_step(const GkModel* model, float* h, const int64_t* ids, int64_t now, int threads) {
   const GkModel& m = *model;
+  if (ids != nullptr) {
+    if (m.embed_table == nullptr) return -1;
+    for (int64_t b = 0; b < m.batch; ++b) {
+      const int8_t* row = m.embed_table + ids[b] * m.hidden;
+      const float scale = m.embed_scales[ids[b]] * m.normaliser;
+      for (int64_t i = 0; i < m.hidden; ++i) h[b * m.hidden + i] = static_cast<float>(row[i]) * scale;
+    }
+  }
   const int64_t B = m.batch, D = m.hidden, hd = m.head_dim, I = m.intermediate;
   const int64_t qd = m.heads * hd, kvd = m.kv_heads * hd;
   std::vector<float> xn(B * D), q(B * qd), k(B * kvd), v(B * kvd), att(B * qd), o(B * D);
@@ -522,6 +534,45 @@ int gk_rescored_head(const float* h, const float* norm, float eps, int64_t batch
   }
 #endif
   return 0;
+}
+
+// out[b] = the index of the first largest value of row b of y [rows, n], as torch's argmax (a NaN counts as
+// the largest, as there). One vectorised pass over logits the head has just written, still in cache.
+void gk_argmax(const float* y, int64_t rows, int64_t n, int64_t* out) {
+  for (int64_t b = 0; b < rows; ++b) {
+    const float* row = y + b * n;
+    // pass 1: the largest value, and whether there is a NaN
+    float top = row[0];
+    bool nan = false;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 vtop = _mm512_set1_ps(top);
+    __mmask16 nans = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = _mm512_loadu_ps(row + i);
+      nans |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      vtop = _mm512_max_ps(vtop, v);
+    }
+    top = _mm512_reduce_max_ps(vtop);
+    nan = nans != 0;
+#endif
+    for (; i < n; ++i) {
+      nan = nan || row[i] != row[i];
+      top = row[i] > top ? row[i] : top;
+    }
+    // pass 2: the first index holding it (or the first NaN)
+    i = 0;
+#if defined(__AVX512F__)
+    const __m512 target = _mm512_set1_ps(top);
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = _mm512_loadu_ps(row + i);
+      const __mmask16 hit = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
+      if (hit != 0) break;
+    }
+#endif
+    while (i < n && !(nan ? row[i] != row[i] : row[i] == top)) ++i;
+    out[b] = i;
+  }
 }
 
 // y [batch, n] = x [batch, k] W^T for W int8 [n, k] with fp32 row scales (an int8 LM head).
