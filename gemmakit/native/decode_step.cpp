@@ -474,6 +474,11 @@ void int4_matvec(const uint8_t* packed, const uint16_t* sz, int64_t n, int64_t k
 }
 #endif
 
+// Whether the int4 kernel is compiled in and takes this shape: whole 64-row blocks, whole groups of 4k inputs.
+bool int4_shape_ok(int64_t n, int64_t k, int64_t group) {
+  return kInt4Head && n % 64 == 0 && k % group == 0 && group % 4 == 0;
+}
+
 // The `count` largest of values[0..n) (their indices, in no particular order), among `pool` indices.
 std::vector<int64_t> largest(const float* values, std::vector<int64_t> pool, int64_t count) {
   auto greater = [values](int64_t a, int64_t b) { return values[a] > values[b] || (values[a] == values[b] && a < b); };
@@ -496,7 +501,7 @@ int gk_has_int4_matvec() { return kInt4Head; }
 // dominates: this is for heads that only rank candidates). Returns -1 if unsupported.
 int gk_int4_matvec(const uint8_t* packed, const uint16_t* scales_zeros, int64_t n, int64_t k, int64_t group,
                    const float* x, int64_t batch, float* y, int threads) {
-  if (!kInt4Head || n % 64 != 0 || k % group != 0 || group % 4 != 0) return -1;
+  if (!int4_shape_ok(n, k, group)) return -1;
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
   int4_matvec(packed, scales_zeros, n, k, group, x, batch, y, nullptr, threads);
 #endif
@@ -510,7 +515,7 @@ int gk_int4_matvec(const uint8_t* packed, const uint16_t* scales_zeros, int64_t 
 int gk_rescored_head(const float* h, const float* norm, float eps, int64_t batch, const uint8_t* packed,
                      const uint16_t* scales_zeros, int64_t n, int64_t k, int64_t group, const int8_t* table,
                      const float* table_scale, int64_t candidates, float* y, int threads) {
-  if (!kInt4Head || n % 64 != 0 || k % group != 0 || group % 4 != 0 || candidates > n / 64) return -1;
+  if (!int4_shape_ok(n, k, group) || candidates > n / 64) return -1;
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
   std::vector<float> x(batch * k), block_max(batch * (n / 64));
   for (int64_t b = 0; b < batch; ++b) rms_norm(h + b * k, norm, eps, x.data() + b * k, k);
