@@ -170,19 +170,20 @@ class _Binding:
     vocab: int
 
 
-def _head_args(lib: ctypes.CDLL, emb: torch.nn.Module, norm: RMSNorm, batch: int,
+def _head_args(lib: ctypes.CDLL, emb: QuantEmbedding, norm: RMSNorm, batch: int, table_scales: torch.Tensor,
                keep: list[torch.Tensor]) -> tuple | None:
-    """gk_rescored_head's arguments (between h and y) for `int8-rescore`'s head, or None when the model's head is
-    not that pair (or the CPU lacks VNNI). The tensors they point into are appended to `keep`."""
-    coarse, table = getattr(emb, "coarse", None), getattr(emb, "table", None)
+    """gk_rescored_head's arguments (between h and y) for `int8-rescore`'s head, given the fp32 copy of its int8
+    table's scales, or None when the model's head is not that pair (or the CPU lacks VNNI). The tensors they
+    point into are appended to `keep`."""
+    coarse, table = emb.coarse, emb.table
     if not (lib.gk_has_int4_matvec() and type(coarse) is Int4Linear and type(table) is Int8Linear
             and coarse.scales_zeros.dtype == torch.bfloat16 and coarse.out_features // 64 >= emb.CANDIDATES):
         return None
-    multiplier, scales = norm.multiplier(), table.scales.float()
-    keep += [multiplier, scales]
+    multiplier = norm.multiplier()
+    keep += [multiplier, table_scales]
     return (multiplier.data_ptr(), norm.eps, batch, coarse.weight_int4.data_ptr(), coarse.scales_zeros.data_ptr(),
-            coarse.out_features, coarse.in_features, coarse.group, table.weight_int8.data_ptr(), scales.data_ptr(),
-            emb.CANDIDATES)
+            coarse.out_features, coarse.in_features, coarse.group, table.weight_int8.data_ptr(),
+            table_scales.data_ptr(), emb.CANDIDATES)
 
 
 def _bind(lib: ctypes.CDLL, model: Transformer, cache: KVCache) -> _Binding:
@@ -228,6 +229,7 @@ def _bind(lib: ctypes.CDLL, model: Transformer, cache: KVCache) -> _Binding:
     softcap = config.attn_softcap
     emb = model.model.embed_tokens
     table = emb.table if isinstance(emb, QuantEmbedding) and type(emb.table) is Int8Linear else None
+    table_scales = None if table is None else table.scales.float()  # one fp32 copy for the embedding and the head
     struct = _Model(
         batch=cache.batch_size, hidden=config.hidden_size, heads=config.num_heads, kv_heads=config.num_kv_heads,
         head_dim=config.head_dim, intermediate=config.intermediate_size, num_layers=config.num_layers,
@@ -238,9 +240,9 @@ def _bind(lib: ctypes.CDLL, model: Transformer, cache: KVCache) -> _Binding:
         pad=buffer(cache.pad), ring_times=buffer(cache.ring_times),
         # the embedding in fp32, E[id] * sqrt(d) with the dequantised int8 row (the eager path rounds it to bf16)
         embed_table=None if table is None else ptr(table.weight_int8),
-        embed_scales=None if table is None else ptr(table.scales.float()),
+        embed_scales=ptr(table_scales),
         normaliser=config.hidden_size ** 0.5)
-    head = _head_args(lib, emb, model.model.norm, cache.batch_size, tensors)
+    head = None if table is None else _head_args(lib, emb, model.model.norm, cache.batch_size, table_scales, tensors)
     return _Binding(struct, layers, tensors, head, config.vocab_size)
 
 
@@ -350,20 +352,6 @@ class NativeHead:
         if scales is None:
             scales = self._scales[key] = lin.scales.float()
         return scales
-
-    def rescored(self, emb: QuantEmbedding, norm: RMSNorm, h: torch.Tensor) -> torch.Tensor | None:
-        """Logits [B, V] of residuals h [B, 1, d] through the final norm and `int8-rescore`'s head, in one call:
-        the int4 head's logits with the top `CANDIDATES` of each row recomputed from the int8 table (in fp32,
-        where the torch path rounds them to bf16). None when the head is not that pair. (The decoder binds the
-        same arguments once per generation.)"""
-        x = h.reshape(-1, h.shape[-1]).to(torch.float32).contiguous()
-        keep: list[torch.Tensor] = []  # with autograd on, the norm's multiplier is a fresh tensor: held here
-        args = _head_args(self.lib, emb, norm, x.shape[0], keep)
-        if args is None:
-            return None
-        y = torch.empty(x.shape[0], emb.num_embeddings)
-        done = self.lib.gk_rescored_head(x.data_ptr(), *args, y.data_ptr(), torch.get_num_threads())
-        return y if done == 0 else None
 
     def __call__(self, lin: torch.nn.Module, x: torch.Tensor, coarse: bool = False) -> torch.Tensor | None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()

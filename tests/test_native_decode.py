@@ -173,9 +173,13 @@ def test_rescored_head_recomputes_the_coarse_top_candidates_exactly():
     norm = RMSNorm(dim, eps=0.0)
     norm.weight.data = torch.randn(dim, generator=gen) * 0.5
     h = torch.randint(0, 2, (3, 1, dim), generator=gen).float() * 2 - 1
-    head = native_decode.NativeHead(native_decode.library())
-    logits = head.rescored(emb, norm, h)
-    assert logits is not None and logits.shape == (3, vocab)
+    lib = native_decode.library()
+    keep: list[torch.Tensor] = []
+    args = native_decode._head_args(lib, emb, norm, 3, emb.table.scales.float(), keep)  # what a decoder binds
+    assert args is not None
+    logits = torch.empty(3, vocab)
+    assert lib.gk_rescored_head(h.reshape(3, dim).contiguous().data_ptr(), *args, logits.data_ptr(), 2) == 0
+    head = native_decode.NativeHead(lib)
 
     x = norm(h).view(3, dim)
     coarse = head(emb.coarse, x, coarse=True)
