@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from gemmakit.cache import KVCache
-from gemmakit.model import LayerInputs, Transformer
+from gemmakit.model import HookWatch, LayerInputs, Transformer
 
 CAPACITY_BUCKET = 256  # caches are sized in multiples of this, so new lengths rarely mean a new compilation
 
@@ -72,20 +72,17 @@ def _step(model: Transformer, ids: torch.Tensor, time: torch.Tensor, cache: KVCa
     return model.unembed(h)[:, -1]
 
 
-def _has_hooks(model: Transformer) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
 class CompiledDecoder:
     """Runs decode steps of `model` through one compiled graph per (batch size, capacity)."""
 
     def __init__(self, model: Transformer) -> None:
         self.model = model
+        self._hooks = HookWatch(model)
         self._compiled = torch.compile(_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
     def usable(self, cache: KVCache) -> bool:
         """Hooks (scope's capture and steering) need the eager path: the graph would not see hooks added later."""
-        return not _has_hooks(self.model) and cache.length < cache.capacity
+        return not self._hooks.any() and cache.length < cache.capacity
 
     def step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, V] for one new token per row; advances `cache` exactly as an eager forward would."""

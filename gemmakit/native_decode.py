@@ -36,7 +36,7 @@ import torch
 from gemmakit.cache import KVCache
 from gemmakit.engine import argmax_rows
 from gemmakit.errors import InputError
-from gemmakit.model import RMSNorm, Transformer
+from gemmakit.model import HookWatch, RMSNorm, Transformer
 from gemmakit.quant import Int4Linear, Int8Linear, QuantEmbedding
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.cpp"
@@ -257,12 +257,7 @@ class NativeDecoder:
         # the model holds this decoder, so only a weak reference back: `del model` must free it at once
         self._model = weakref.ref(model)
         self.lib = lib
-        # the hook dicts of every module and torch's global ones: the same dict objects for the module's life
-        # (registering or removing a hook changes their contents), so checking them is ~350 len() calls, not a
-        # walk over the modules (which cost 0.25 ms a token)
-        self._hook_dicts = [hooks for m in model.modules() for hooks in (m._forward_hooks, m._forward_pre_hooks)]
-        self._hook_dicts += [torch.nn.modules.module._global_forward_hooks,
-                             torch.nn.modules.module._global_forward_pre_hooks]
+        self._hooks = HookWatch(model)
         self._bindings: weakref.WeakKeyDictionary[KVCache, _Binding] = weakref.WeakKeyDictionary()
         self._last: tuple[weakref.ref[KVCache], _Binding] | None = None  # the binding used last, looked up first
 
@@ -276,7 +271,7 @@ class NativeDecoder:
     def usable(self, cache: KVCache) -> bool:
         """fp32 cache (CPU storage), at most MAX_BATCH rows, room left, and no hooks (they need the eager path)."""
         return (cache.keys[0].dtype == torch.float32 and cache.batch_size <= MAX_BATCH
-                and cache.length < cache.capacity and not any(map(len, self._hook_dicts)))
+                and cache.length < cache.capacity and not self._hooks.any())
 
     def step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, V] for one new token per row; advances `cache` exactly as an eager forward would."""

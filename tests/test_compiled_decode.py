@@ -58,3 +58,20 @@ def test_generate_with_compiled_decoding_keeps_the_greedy_tokens(tmp_path):
     compiled_decode.enable(model)
     compiled = torch.stack(list(generate_tokens(model, prompts, STEPS)))
     assert (eager == compiled).float().mean().item() >= 0.95
+
+
+def test_hooks_send_compiled_decoding_back_to_the_eager_path(tmp_path):
+    """The graph would not see hooks added after it was compiled; global hooks count too."""
+    model = tiny("gemma3", tmp_path)
+    decoder = compiled_decode.CompiledDecoder(model)  # nothing is compiled until a step runs
+    cache = KVCache(model.config, 1, 8, torch.float32)
+    assert decoder.usable(cache)
+    handle = model.model.layers[0].self_attn.attn_out.register_forward_hook(lambda *a: None)
+    assert not decoder.usable(cache)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert not decoder.usable(cache)
+    finally:
+        handle.remove()
+    assert decoder.usable(cache)
