@@ -82,21 +82,27 @@ inline __m512 load16(const int8_t* p) {
 }
 #endif
 
-// sum_i w[i] x[i] for fp32 or int8 w, read as one sequential stream (with a software prefetch 4 KB ahead:
-// ~5% faster measured on the int8 rows)
+// sum_i w[i] x[i] for fp32 or int8 w, read as one sequential stream: four accumulators and a software prefetch
+// 6 KB ahead, one per cache line, made the 270M's layers ~15% faster than two accumulators and a prefetch 4 KB
+// ahead every 32 inputs (measured in one process against each other: 2.27 vs 2.70 ms for all 18 layers).
+constexpr int64_t kPrefetchAhead = 6144;
+
 template <typename T>
 float dot(const T* w, const float* x, int64_t k) {
   float sum = 0.0f;
   int64_t i = 0;
 #if defined(__AVX512F__)
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  for (; i + 32 <= k; i += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + i) + 4096, _MM_HINT_T0);
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  for (; i + 64 <= k; i += 64) {
+    for (size_t line = 0; line < sizeof(T); ++line)  // 64 inputs are sizeof(T) cache lines
+      _mm_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchAhead + 64 * line, _MM_HINT_T0);
     a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(x + i), a0);
     a1 = _mm512_fmadd_ps(load16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+    a2 = _mm512_fmadd_ps(load16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+    a3 = _mm512_fmadd_ps(load16(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
   }
   for (; i + 16 <= k; i += 16) a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(x + i), a0);
-  sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 #endif
   for (; i < k; ++i) sum += static_cast<float>(w[i]) * x[i];
   return sum;
@@ -379,6 +385,13 @@ constexpr int kInt4Head = 1;
 // Four inputs at a time are transposed so that each 32-bit lane holds one row's four codes, and vpdpbusd
 // multiplies them by four int8 activations in one instruction. Lane l of accumulator a (a = 0..3) holds row
 // 4a + (l & 3) + 16 * (l >> 2) of the block (the order the byte unpacks leave), and +32 for the high nibbles.
+//
+// Software prefetches keep more of memory's bandwidth busy than the hardware's alone: the codes' stream 8 KB
+// ahead and the (scale, zero) pairs' ten strided streams two blocks ahead made the 262144-row head ~1.3x faster
+// (in one process, alternating: 1.8 vs 2.2 ms with the codes' prefetch, then 2.4 vs 2.85 with both on a busier
+// machine).
+constexpr int64_t kInt4Ahead = 8192;
+
 void int4_block(const uint8_t* block, const uint16_t* sz, int64_t rows, int64_t k, int64_t group,
                 const int8_t* xq, const float* x_scales, const float* group_sums, float* y) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), high16 = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -388,6 +401,8 @@ void int4_block(const uint8_t* block, const uint16_t* sz, int64_t rows, int64_t 
     __m256i acc[8];
     for (auto& a : acc) a = _mm256_setzero_si256();
     for (int64_t i = g0; i < g0 + group; i += 4) {
+      _mm_prefetch(reinterpret_cast<const char*>(block + i * 32) + kInt4Ahead, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(block + i * 32) + kInt4Ahead + 64, _MM_HINT_T0);
       const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + i * 32));
       const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + (i + 1) * 32));
       const __m256i r2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + (i + 2) * 32));
@@ -406,6 +421,8 @@ void int4_block(const uint8_t* block, const uint16_t* sz, int64_t rows, int64_t 
     }
     const float xs = group_sums[g0 / group];
     const uint16_t* gsz = sz + (g0 / group) * rows * 2;
+    for (int line = 0; line < 4; ++line)  // this group's pairs two blocks on: 64 rows x 4 bytes
+      _mm_prefetch(reinterpret_cast<const char*>(gsz + 2 * 64 * 2) + 64 * line, _MM_HINT_T0);
     for (int a = 0; a < 8; ++a) {
       const int64_t row = 4 * (a & 3) + 32 * (a >> 2);  // lanes 0-3: row..row+3; lanes 4-7: row+16..row+19
       const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gsz + row * 2));
