@@ -139,20 +139,28 @@ def generate_tokens(
         generator = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
     elif sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    done = [False] * ids.shape[0]
     # a step decoder (torch.compile'd if asked for, else the native int8 step) when it can take this cache
     decoder = getattr(model, "compiled_decoder", None) or getattr(model, "native_decoder", None)
     greedy = getattr(decoder, "argmax", argmax_rows)
+
+    def next_token(token: torch.Tensor) -> torch.Tensor:
+        if decoder is not None and decoder.usable(cache):
+            if sampling.greedy and hasattr(decoder, "greedy_step"):
+                chosen = decoder.greedy_step(token, cache)  # layers, head and argmax in one native call
+                if chosen is not None:
+                    return chosen
+            logits = decoder.step(token.view(-1, 1), cache)
+        else:
+            logits = model(token.view(-1, 1), cache=cache, last_only=True)[:, -1]
+        return choose(logits, sampling, generator, greedy)
+
     with torch.inference_mode():
-        logits = model(ids.to(device), cache=cache, last_only=True)[:, -1]
+        token = choose(model(ids.to(device), cache=cache, last_only=True)[:, -1], sampling, generator, greedy)
         for step in range(max_new_tokens):
-            token = choose(logits, sampling, generator, greedy)
             yield token
-            done |= torch.isin(token, stops)
-            if bool(done.all()) or step == max_new_tokens - 1 or cache.length >= capacity:
+            # plain Python on the [B] ids: a few torch ops here cost more than the choice itself
+            done = [d or t in stop_ids for d, t in zip(done, token.tolist(), strict=True)]
+            if all(done) or step == max_new_tokens - 1 or cache.length >= capacity:
                 return
-            if decoder is not None and decoder.usable(cache):
-                logits = decoder.step(token.view(-1, 1), cache)
-            else:
-                logits = model(token.view(-1, 1), cache=cache, last_only=True)[:, -1]
+            token = next_token(token)

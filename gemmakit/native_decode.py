@@ -61,9 +61,15 @@ class _Model(ctypes.Structure):
                                           "num_layers")] + \
                [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("attn_softcap", ctypes.c_float),
                 ("layers", ctypes.POINTER(_Layer))] + \
-               [(name, _ptr) for name in ("cos_local", "sin_local", "cos_global", "sin_global", "pad", "ring_times",
-                                          "embed_table", "embed_scales")] + \
-               [("normaliser", ctypes.c_float)]
+               [(name, _ptr) for name in ("cos_local", "sin_local", "cos_global", "sin_global", "pad",
+                                          "ring_times")] + \
+               [("ring", _i64), ("embed_table", _ptr), ("embed_scales", _ptr), ("normaliser", ctypes.c_float)]
+
+
+class _Head(ctypes.Structure):
+    _fields_ = [("norm", _ptr), ("eps", ctypes.c_float), ("packed", _ptr), ("scales_zeros", _ptr),
+                ("n", _i64), ("k", _i64), ("group", _i64), ("table", _ptr), ("table_scale", _ptr),
+                ("candidates", _i64)]
 
 
 # --- building and loading the library ---------------------------------------------------------------------------
@@ -138,9 +144,11 @@ def library() -> ctypes.CDLL | None:
     lib.gk_decode_step.restype = ctypes.c_int
     lib.gk_int4_matvec.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_int]
     lib.gk_int4_matvec.restype = ctypes.c_int
-    lib.gk_rescored_head.argtypes = [_ptr, _ptr, ctypes.c_float, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64,
-                                     _ptr, ctypes.c_int]
+    lib.gk_rescored_head.argtypes = [_ptr, _i64, ctypes.POINTER(_Head), _ptr, ctypes.c_int]
     lib.gk_rescored_head.restype = ctypes.c_int
+    lib.gk_greedy_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Head), _ptr, _i64, _ptr, _ptr, _ptr,
+                                   ctypes.c_int]
+    lib.gk_greedy_step.restype = ctypes.c_int
     lib.gk_int8_matvec.argtypes = [_ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_int]
     lib.gk_int8_matvec.restype = None
     _LIBRARY = lib
@@ -166,24 +174,27 @@ class _Binding:
     struct: _Model
     layers: ctypes.Array
     tensors: list[torch.Tensor]
-    head: tuple | None  # gk_rescored_head's arguments between h and y
+    head: _Head | None  # the native LM head, when it serves this model
     vocab: int
+    greedy: bool  # whether gk_greedy_step may choose tokens (a native head, and no final soft-cap)
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # gk_greedy_step's h and logits, made on first use
 
 
-def _head_args(lib: ctypes.CDLL, emb: QuantEmbedding, norm: RMSNorm, batch: int, table_scales: torch.Tensor,
-               keep: list[torch.Tensor]) -> tuple | None:
-    """gk_rescored_head's arguments (between h and y) for `int8-rescore`'s head, given the fp32 copy of its int8
-    table's scales, or None when the model's head is not that pair (or the CPU lacks VNNI). The tensors they
-    point into are appended to `keep`."""
+def _head(lib: ctypes.CDLL, emb: QuantEmbedding, norm: RMSNorm, table_scales: torch.Tensor,
+          keep: list[torch.Tensor]) -> _Head | None:
+    """gk_rescored_head's view of `int8-rescore`'s head, given the fp32 copy of its int8 table's scales, or None
+    when the model's head is not that pair (or the CPU lacks VNNI). The tensors it points into are appended to
+    `keep`."""
     coarse, table = emb.coarse, emb.table
     if not (lib.gk_has_int4_matvec() and type(coarse) is Int4Linear and type(table) is Int8Linear
             and coarse.scales_zeros.dtype == torch.bfloat16 and coarse.out_features // 64 >= emb.CANDIDATES):
         return None
     multiplier = norm.multiplier()
     keep += [multiplier, table_scales]
-    return (multiplier.data_ptr(), norm.eps, batch, coarse.weight_int4.data_ptr(), coarse.scales_zeros.data_ptr(),
-            coarse.out_features, coarse.in_features, coarse.group, table.weight_int8.data_ptr(),
-            table_scales.data_ptr(), emb.CANDIDATES)
+    return _Head(norm=multiplier.data_ptr(), eps=norm.eps, packed=coarse.weight_int4.data_ptr(),
+                 scales_zeros=coarse.scales_zeros.data_ptr(), n=coarse.out_features, k=coarse.in_features,
+                 group=coarse.group, table=table.weight_int8.data_ptr(), table_scale=table_scales.data_ptr(),
+                 candidates=emb.CANDIDATES)
 
 
 def _bind(lib: ctypes.CDLL, model: Transformer, cache: KVCache) -> _Binding:
@@ -237,13 +248,14 @@ def _bind(lib: ctypes.CDLL, model: Transformer, cache: KVCache) -> _Binding:
         attn_softcap=softcap if softcap is not None else 0.0, layers=layers,
         cos_local=ptr(tables[True][0]), sin_local=ptr(tables[True][1]),
         cos_global=ptr(tables[False][0]), sin_global=ptr(tables[False][1]),
-        pad=buffer(cache.pad), ring_times=buffer(cache.ring_times),
+        pad=buffer(cache.pad), ring_times=buffer(cache.ring_times), ring=cache.ring_size,
         # the embedding in fp32, E[id] * sqrt(d) with the dequantised int8 row (the eager path rounds it to bf16)
         embed_table=None if table is None else ptr(table.weight_int8),
         embed_scales=ptr(table_scales),
         normaliser=config.hidden_size ** 0.5)
-    head = None if table is None else _head_args(lib, emb, model.model.norm, cache.batch_size, table_scales, tensors)
-    return _Binding(struct, layers, tensors, head, config.vocab_size)
+    head = None if table is None else _head(lib, emb, model.model.norm, table_scales, tensors)
+    return _Binding(struct, layers, tensors, head, config.vocab_size,
+                    greedy=head is not None and config.final_softcap is None)
 
 
 class NativeDecoder:
@@ -279,10 +291,31 @@ class NativeDecoder:
         h = self._advance(binding, ids, cache, None)
         if binding.head is not None:
             logits = torch.empty(h.shape[0], binding.vocab)
-            done = self.lib.gk_rescored_head(h.data_ptr(), *binding.head, logits.data_ptr(), torch.get_num_threads())
+            done = self.lib.gk_rescored_head(h.data_ptr(), h.shape[0], ctypes.byref(binding.head), logits.data_ptr(),
+                                             torch.get_num_threads())
             if done == 0:
                 return self.model.cap_logits(logits)
         return self.model.unembed(h.unsqueeze(1))[:, -1]
+
+    def greedy_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """The greedy next token [B] after ids [B] (int64), in one library call: the same token as
+        `argmax(step(ids, cache))`, with no Python between the layers, the head and the choice. None (nothing
+        done) when this model's head is not the native one, or its logits are soft-capped."""
+        binding = self._binding(cache)
+        if not binding.greedy or ids.dtype != torch.long or not ids.is_contiguous():
+            return None
+        if binding.scratch is None:
+            binding.scratch = (torch.empty(cache.batch_size, self.model.config.hidden_size),
+                               torch.empty(cache.batch_size, binding.vocab))
+        h, logits = binding.scratch
+        out = torch.empty(cache.batch_size, dtype=torch.long)
+        now = cache.length
+        done = self.lib.gk_greedy_step(ctypes.byref(binding.struct), ctypes.byref(binding.head), ids.data_ptr(), now,
+                                       h.data_ptr(), logits.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        if done != 0:
+            raise RuntimeError(f"native greedy step failed ({done})")
+        cache.length = now + 1
+        return out
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits.argmax(-1)` (first index of the maximum, NaN counted largest) in one pass over [B, V] fp32
@@ -311,7 +344,6 @@ class NativeDecoder:
                  embedded: torch.Tensor | None) -> torch.Tensor:
         """One step through the layers: h [B, d] fp32, embedded by the library when it holds the table."""
         now = cache.length
-        cache.ring_times[now % cache.ring_size] = now
         rows = ids.shape[0]
         threads = torch.get_num_threads()
         if embedded is None and binding.struct.embed_table:

@@ -8,6 +8,8 @@ slot, mask or cap would show within a few steps.
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -90,6 +92,43 @@ def test_generation_uses_native_step_and_keeps_greedy_tokens(tmp_path):
     native = torch.stack(list(generate_tokens(model, prompts, STEPS)))
     assert len(calls) == STEPS - 1
     assert (eager == native).float().mean().item() >= 0.95
+
+
+def wide_vocab(family: str, directory, vocab: int = 8192) -> torch.nn.Module:
+    """A tiny model whose vocabulary is wide enough for int8-rescore's native head (128 candidate blocks of 64)."""
+    import dataclasses
+
+    save_hf_model(family, directory)
+    config = dataclasses.replace(hf.read_config(directory), vocab_size=vocab)
+    weights = hf.read_state_dict(directory)
+    weights["model.embed_tokens.weight"] = torch.randn(vocab, config.hidden_size,
+                                                       generator=torch.Generator().manual_seed(3)) * 0.15
+    return build_model(config, weights, torch.float32, directory).eval()
+
+
+@pytest.mark.skipif(not native_decode.library().gk_has_int4_matvec(), reason="the native head needs AVX512-VNNI")
+def test_fused_greedy_step_chooses_what_step_and_argmax_choose(tmp_path):
+    """Greedy generation takes the one-call path (layers, head, argmax) and yields exactly the tokens of the
+    separate native step and argmax; a soft-capped head (Gemma 2) declines it, so capping stays in one place."""
+    model = quantize_model(wide_vocab("gemma3", tmp_path), "int8-rescore")
+    assert native_decode.enable(model)
+    decoder = model.native_decoder
+    prompts = [[2, 17, 99, 5], [2, 8, 300, 41, 77, 12, 250]]
+    fused_calls = []
+    greedy_step = decoder.greedy_step
+    decoder.greedy_step = lambda *a: fused_calls.append(1) or greedy_step(*a)
+    fused = torch.stack(list(generate_tokens(model, prompts, STEPS)))
+    assert len(fused_calls) == STEPS - 1
+    decoder.greedy_step = lambda *a: None  # what generation does without the fused call
+    separate = torch.stack(list(generate_tokens(model, prompts, STEPS)))
+    assert torch.equal(fused, separate)
+    assert len(set(fused.flatten().tolist())) > 5  # a real sequence, not one token repeated
+
+    capped = quantize_model(wide_vocab("gemma2", tmp_path / "g2"), "int8-rescore")
+    assert native_decode.enable(capped)
+    cache = KVCache(capped.config, 1, 16, capped.dtype)
+    assert capped.native_decoder.greedy_step(torch.tensor([2]), cache) is None
+    assert cache.length == 0
 
 
 def test_models_it_cannot_run_are_left_alone(tmp_path):
@@ -175,14 +214,13 @@ def test_rescored_head_recomputes_the_coarse_top_candidates_exactly():
     h = torch.randint(0, 2, (3, 1, dim), generator=gen).float() * 2 - 1
     lib = native_decode.library()
     keep: list[torch.Tensor] = []
-    args = native_decode._head_args(lib, emb, norm, 3, emb.table.scales.float(), keep)  # what a decoder binds
-    assert args is not None
+    head = native_decode._head(lib, emb, norm, emb.table.scales.float(), keep)  # what a decoder binds
+    assert head is not None
     logits = torch.empty(3, vocab)
-    assert lib.gk_rescored_head(h.reshape(3, dim).contiguous().data_ptr(), *args, logits.data_ptr(), 2) == 0
-    head = native_decode.NativeHead(lib)
-
+    assert lib.gk_rescored_head(h.reshape(3, dim).contiguous().data_ptr(), 3, ctypes.byref(head), logits.data_ptr(),
+                                2) == 0
     x = norm(h).view(3, dim)
-    coarse = head(emb.coarse, x, coarse=True)
+    coarse = native_decode.NativeHead(lib)(emb.coarse, x, coarse=True)
     exact = x.double() @ (emb.table.weight_int8.double() * emb.table.scales.double()[:, None]).t()
     top = coarse.topk(emb.CANDIDATES, dim=-1).indices
     for row in range(3):

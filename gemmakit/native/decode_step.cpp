@@ -45,10 +45,25 @@ struct GkModel {
   const GkLayer* layers;
   const float *cos_local, *sin_local, *cos_global, *sin_global;  // [positions, head_dim]; sin carries rope's sign
   const int64_t* pad;         // [B] left padding of each row
-  const int64_t* ring_times;  // [ring size] time held by each sliding slot (-1: empty)
+  int64_t* ring_times;        // [ring] time held by each sliding slot (-1: empty); the step records `now` in it
+  int64_t ring;
   const int8_t* embed_table;  // the int8 embedding [vocab, hidden] with fp32 row scales, or null (the caller embeds)
   const float* embed_scales;
   float normaliser;           // sqrt(hidden), Gemma's embedding scale
+};
+
+// The decode-time LM head of scheme int8-rescore: final norm (multiplier 1 + w), the int4 candidate head in
+// torch's CPU layout ([n/64, k, 32] bytes, bf16 (scale, zero) pairs [k/group, n, 2]) and the exact int8 table
+// [n, k] with fp32 row scales, of which the `candidates` best rows are recomputed.
+struct GkHead {
+  const float* norm;
+  float eps;
+  const uint8_t* packed;
+  const uint16_t* scales_zeros;
+  int64_t n, k, group;
+  const int8_t* table;
+  const float* table_scale;
+  int64_t candidates;
 };
 
 }  // extern "C"
@@ -271,10 +286,11 @@ void rope(float* x, const float* cos, const float* sin, int64_t d) {
 extern "C" {
 
 // Advance every row of `h` ([B, hidden] fp32, updated in place) through all layers at time `now`, writing
-// this step's keys and values into the cache. The caller has already put `now` into the ring's slot. With
-// `ids` ([B] token ids), h is first filled with their embeddings, E[id] * sqrt(hidden) in fp32.
+// this step's keys and values into the cache and `now` into the ring's slot. With `ids` ([B] token ids), h is
+// first filled with their embeddings, E[id] * sqrt(hidden) in fp32.
 int gk_decode_step(const GkModel* model, float* h, const int64_t* ids, int64_t now, int threads) {
   const GkModel& m = *model;
+  m.ring_times[now % m.ring] = now;
   if (ids != nullptr) {
     if (m.embed_table == nullptr) return -1;
     for (int64_t b = 0; b < m.batch; ++b) {
@@ -529,14 +545,13 @@ int gk_int4_matvec(const uint8_t* packed, const uint16_t* scales_zeros, int64_t 
 // the int4 head; then the `candidates` largest of each row recomputed exactly from the int8 table (fp32 x).
 // The largest logits lie in the blocks of 64 rows with the largest maxima (a block holding one of them has a
 // maximum at least as large, and only `candidates` blocks can), so the search reads 64 x candidates values.
-int gk_rescored_head(const float* h, const float* norm, float eps, int64_t batch, const uint8_t* packed,
-                     const uint16_t* scales_zeros, int64_t n, int64_t k, int64_t group, const int8_t* table,
-                     const float* table_scale, int64_t candidates, float* y, int threads) {
-  if (!int4_shape_ok(n, k, group) || candidates > n / 64) return -1;
+int gk_rescored_head(const float* h, int64_t batch, const GkHead* head, float* y, int threads) {
+  const int64_t n = head->n, k = head->k, candidates = head->candidates;
+  if (!int4_shape_ok(n, k, head->group) || candidates > n / 64) return -1;
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
   std::vector<float> x(batch * k), block_max(batch * (n / 64));
-  for (int64_t b = 0; b < batch; ++b) rms_norm(h + b * k, norm, eps, x.data() + b * k, k);
-  int4_matvec(packed, scales_zeros, n, k, group, x.data(), batch, y, block_max.data(), threads);
+  for (int64_t b = 0; b < batch; ++b) rms_norm(h + b * k, head->norm, head->eps, x.data() + b * k, k);
+  int4_matvec(head->packed, head->scales_zeros, n, k, head->group, x.data(), batch, y, block_max.data(), threads);
   for (int64_t b = 0; b < batch; ++b) {
     std::vector<int64_t> blocks(n / 64);
     for (int64_t i = 0; i < n / 64; ++i) blocks[i] = i;
@@ -552,7 +567,7 @@ int gk_rescored_head(const float* h, const float* norm, float eps, int64_t batch
       for (int64_t r = blk * 64; r < blk * 64 + 64; ++r)
         if (yb[r] >= floor) rows.push_back(r);
     for (int64_t row : largest(yb, rows, candidates))
-      yb[row] = dot(table + row * k, x.data() + b * k, k) * table_scale[row];
+      yb[row] = dot(head->table + row * k, x.data() + b * k, k) * head->table_scale[row];
   }
 #endif
   return 0;
@@ -603,6 +618,16 @@ void gk_int8_matvec(const int8_t* w, const float* scale, int64_t n, int64_t k, c
   const MatVec job = {w, scale, n, k, x, y};
 #pragma omp parallel num_threads(threads)
   matvecs(&job, 1, batch);
+}
+
+// Greedy decoding's whole step for ids [B]: the layers (h [B, hidden] is scratch), the rescored head into
+// `logits` [B, n], and each row's argmax into `out` [B], as torch's argmax of those logits would choose.
+int gk_greedy_step(const GkModel* model, const GkHead* head, const int64_t* ids, int64_t now, float* h,
+                   float* logits, int64_t* out, int threads) {
+  int done = gk_decode_step(model, h, ids, now, threads);
+  if (done == 0) done = gk_rescored_head(h, model->batch, head, logits, threads);
+  if (done == 0) gk_argmax(logits, model->batch, head->n, out);
+  return done;
 }
 
 }  // extern "C"
