@@ -4,9 +4,9 @@ Why: the eager decode step of a small Gemma runs ~1,500 torch ops per token and 
 dispatching them as reading the weights; torch.compile removes part of that for a minute of compiling. The
 native step runs every layer in one OpenMP region of plain loops (int8 x fp32 dot products at memory speed,
 norms, rope, attention over the cache, GeGLU), so a token costs little more than reading the weights once.
-Python keeps what is cheap or shared with other paths: the embedding lookup, the cache bookkeeping, the final
-norm and the choice of candidates; the LM head's products run in the same library (`NativeHead`), which reads
-an int8 head or the int4 candidate head of `int8-rescore` as one sequential stream.
+The library also embeds the token ids and runs `int8-rescore`'s LM head (final norm, int4 candidate head,
+exact int8 rescoring of the candidates), so a greedy token is one call (`NativeDecoder.greedy_step`); Python
+keeps the cache's length and the choice of sampled tokens. `NativeHead` serves the eager paths' head products.
 
 Numerics: activations stay fp32 through the layers (the eager bf16 path rounds them after every op), so the
 step computes the fp32 model whose weights are the dequantised int8 ones, to fp32 rounding; `tests/
@@ -38,6 +38,7 @@ from gemmakit.engine import argmax_rows
 from gemmakit.errors import InputError
 from gemmakit.model import HookWatch, RMSNorm, Transformer
 from gemmakit.quant import Int4Linear, Int8Linear, QuantEmbedding
+from gemmakit.ranker import Int3Ranker
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.cpp"
 # Rows decoded together at most. Our row-by-row dot products stop gaining at about 8 rows, torch's GEMMs keep
@@ -69,7 +70,7 @@ class _Model(ctypes.Structure):
 class _Head(ctypes.Structure):
     _fields_ = [("norm", _ptr), ("eps", ctypes.c_float), ("packed", _ptr), ("scales_zeros", _ptr),
                 ("n", _i64), ("k", _i64), ("group", _i64), ("table", _ptr), ("table_scale", _ptr),
-                ("candidates", _i64)]
+                ("candidates", _i64), ("ranker", _ptr)]
 
 
 # --- building and loading the library ---------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def library() -> ctypes.CDLL | None:
     lib.gk_decode_step.restype = ctypes.c_int
     lib.gk_int4_matvec.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_int]
     lib.gk_int4_matvec.restype = ctypes.c_int
-    lib.gk_rescored_head.argtypes = [_ptr, _i64, ctypes.POINTER(_Head), _ptr, ctypes.c_int]
+    lib.gk_rescored_head.argtypes = [_ptr, _i64, ctypes.POINTER(_Head), _ptr, ctypes.c_int, _ptr, ctypes.c_int]
     lib.gk_rescored_head.restype = ctypes.c_int
     lib.gk_greedy_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Head), _ptr, _i64, _ptr, _ptr, _ptr,
                                    ctypes.c_int]
@@ -191,10 +192,13 @@ def _head(lib: ctypes.CDLL, emb: QuantEmbedding, norm: RMSNorm, table_scales: to
         return None
     multiplier = norm.multiplier()
     keep += [multiplier, table_scales]
+    ranker = emb.ranker
+    ranks = (type(ranker) is Int3Ranker and ranker.planes.is_contiguous()
+             and (ranker.out_features, ranker.in_features) == (coarse.out_features, coarse.in_features))
     return _Head(norm=multiplier.data_ptr(), eps=norm.eps, packed=coarse.weight_int4.data_ptr(),
                  scales_zeros=coarse.scales_zeros.data_ptr(), n=coarse.out_features, k=coarse.in_features,
                  group=coarse.group, table=table.weight_int8.data_ptr(), table_scale=table_scales.data_ptr(),
-                 candidates=emb.CANDIDATES)
+                 candidates=emb.CANDIDATES, ranker=ranker.planes.data_ptr() if ranks else None)
 
 
 def _bind(lib: ctypes.CDLL, model: Transformer, cache: KVCache) -> _Binding:
@@ -292,7 +296,7 @@ class NativeDecoder:
         if binding.head is not None:
             logits = torch.empty(h.shape[0], binding.vocab)
             done = self.lib.gk_rescored_head(h.data_ptr(), h.shape[0], ctypes.byref(binding.head), logits.data_ptr(),
-                                             torch.get_num_threads())
+                                             0, None, torch.get_num_threads())
             if done == 0:
                 return self.model.cap_logits(logits)
         return self.model.unembed(h.unsqueeze(1))[:, -1]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemmakit.errors import InputError
+from gemmakit.ranker import Int3Ranker
 
 INT4_GROUPS = (32, 64, 128, 256)
 _PACK_BLOCK = 64  # rows per block in torch's CPU int4 layout
@@ -266,10 +267,12 @@ class QuantEmbedding(nn.Module):
     # between that head and the fp32 model (64 candidates: 0.027; 256: 0.012, for 1.5% more time a token).
     CANDIDATES = 128
 
-    def __init__(self, table: nn.Module, dtype: torch.dtype, coarse: nn.Module | None = None) -> None:
+    def __init__(self, table: nn.Module, dtype: torch.dtype, coarse: nn.Module | None = None,
+                 ranker: nn.Module | None = None) -> None:
         super().__init__()
         self.table = table
         self.coarse = coarse
+        self.ranker = ranker  # a 3-bit `Int3Ranker`: the native greedy step picks its candidates with it
         self.act_dtype = dtype
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
         # decode-time matrix-vector products (fp32 [M, K] -> fp32 [M, N], or None to decline), attached by
@@ -354,11 +357,13 @@ def quantize_model(model: nn.Module, mode: str | Scheme, dtype: torch.dtype = to
             emb.weight.data = emb.weight.data.to(dtype)
         else:
             table = make_linear(emb.weight.detach(), spec.head, spec.group, dtype)
-            coarse = None
+            coarse = ranker = None
             if spec.coarse_head and Int4Linear.supports(emb.weight, spec.group):
                 # only ranks candidates, so the plain min/max range is enough (5x faster to convert)
                 coarse = Int4Linear.from_weight(emb.weight.detach(), spec.group, dtype, search=False)
-            model.model.embed_tokens = QuantEmbedding(table, dtype, coarse)
+                if Int3Ranker.supports(emb.weight):
+                    ranker = Int3Ranker.from_weight(emb.weight.detach())
+            model.model.embed_tokens = QuantEmbedding(table, dtype, coarse, ranker)
         if progress:
             progress(1)
     for module in model.modules():  # norms: fp32 weights, they cost nothing and keep the (1 + w) exact
@@ -373,14 +378,20 @@ def count_convertible(model: nn.Module) -> int:
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of weights one decode step reads: every linear, the whole head, one embedding row (ignored)."""
+    """Bytes of weights one greedy decode step reads: every linear, the whole head, one embedding row (ignored).
+    With a coarse head, the head is its candidate-picking copy (the 3-bit ranker where there is one, as greedy
+    decoding reads it; sampling reads the int4 copy) plus CANDIDATES rows of the exact one."""
     total = 0
     emb = model.model.embed_tokens
-    skip = emb.table if isinstance(emb, QuantEmbedding) and emb.coarse is not None else None
-    if skip is not None:  # decoding reads the coarse head plus CANDIDATES rows of the exact one
-        total += emb.CANDIDATES * sum(t.numel() * t.element_size() for t in skip.buffers()) // emb.num_embeddings
+    skip: list[nn.Module] = []
+    if isinstance(emb, QuantEmbedding) and emb.coarse is not None:
+        skip.append(emb.table)
+        total += emb.CANDIDATES * sum(t.numel() * t.element_size() for t in emb.table.buffers()) // emb.num_embeddings
+        if emb.ranker is not None:
+            skip.append(emb.coarse)
+            total += emb.ranker.planes.numel()
     for module in model.modules():
-        if module is skip:
+        if any(module is s for s in skip):
             continue
         if isinstance(module, (Int8Linear, Int4Linear, nn.Linear)):
             total += sum(t.numel() * t.element_size() for t in module.buffers(recurse=False))
@@ -407,10 +418,13 @@ def build_quantized(config, state: dict[str, torch.Tensor], dtype: torch.dtype =
                 if getattr(parent, name, None) is not None:
                     setattr(parent, name, _linear_from_state(state, f"model.layers.{i}.{part}.{name}"))
     if "model.embed_tokens.weight" not in state:
-        coarse = None
+        coarse = ranker = None
         if any(k.startswith("model.embed_tokens.coarse.") for k in state):
             coarse = _linear_from_state(state, "model.embed_tokens.coarse")
-        model.model.embed_tokens = QuantEmbedding(_linear_from_state(state, "model.embed_tokens.table"), dtype, coarse)
+        if "model.embed_tokens.ranker.planes" in state:
+            ranker = Int3Ranker(state["model.embed_tokens.ranker.planes"])
+        model.model.embed_tokens = QuantEmbedding(_linear_from_state(state, "model.embed_tokens.table"), dtype, coarse,
+                                                  ranker)
     model.load_state_dict(state, assign=True, strict=True)
     model.inv_freq_local = _rope_buffer(config, local=True, device="cpu")
     model.inv_freq_global = _rope_buffer(config, local=False, device="cpu")

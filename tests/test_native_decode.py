@@ -18,6 +18,7 @@ from gemmakit.cache import KVCache
 from gemmakit.engine import generate_tokens
 from gemmakit.loader import build_model
 from gemmakit.quant import Int4Linear, Int8Linear, quantize_model
+from gemmakit.ranker import Int3Ranker
 from gemmakit.weights import hf
 from tiny_models import VOCAB, WINDOW, save_hf_model
 
@@ -108,9 +109,12 @@ def wide_vocab(family: str, directory, vocab: int = 8192) -> torch.nn.Module:
 
 @pytest.mark.skipif(not native_decode.library().gk_has_int4_matvec(), reason="the native head needs AVX512-VNNI")
 def test_fused_greedy_step_chooses_what_step_and_argmax_choose(tmp_path):
-    """Greedy generation takes the one-call path (layers, head, argmax) and yields exactly the tokens of the
-    separate native step and argmax; a soft-capped head (Gemma 2) declines it, so capping stays in one place."""
+    """Greedy generation takes the one-call path (layers, candidates from the 3-bit ranker, the best of them by
+    exact int8 logit) and yields exactly the tokens of the separate native step (int4 candidates) and argmax:
+    the exact maximum is among the ranker's 128 candidates at every step. A soft-capped head (Gemma 2) declines
+    the fused path, so capping stays in one place."""
     model = quantize_model(wide_vocab("gemma3", tmp_path), "int8-rescore")
+    assert isinstance(model.model.embed_tokens.ranker, Int3Ranker)
     assert native_decode.enable(model)
     decoder = model.native_decoder
     prompts = [[2, 17, 99, 5], [2, 8, 300, 41, 77, 12, 250]]
@@ -195,40 +199,76 @@ def test_hooks_send_decoding_back_to_the_eager_path(tmp_path):
         handle.remove()
 
 
-@pytest.mark.skipif(not native_decode.library().gk_has_int4_matvec(), reason="the int4 head needs AVX512-VNNI")
-def test_rescored_head_recomputes_the_coarse_top_candidates_exactly():
-    """int8-rescore's decode head in one native call: the coarse int4 logits everywhere, except the top
-    CANDIDATES of each row, which hold the exact int8 logits of the normed residual (a vocabulary of 8192 rows,
-    large enough for the block search: 128 candidates need at least 128 blocks of 64). Residuals of +-1 with
+def ranker_logits(ranker: Int3Ranker, x: torch.Tensor) -> torch.Tensor:
+    """What the native 3-bit pass computes, in float64: int8 activations with one scale (max / 127) and one
+    exact sum per 64 inputs, against the ranker's codes, scales and minima."""
+    codes, scale, minimum = ranker.unpacked()
+    groups = x.double().view(x.shape[0], -1, 64)
+    x_scale = groups.abs().amax(-1) / 127
+    xq = torch.round(groups / x_scale[..., None])
+    dots = torch.einsum("bgi,ngi->bng", xq, codes.double().view(codes.shape[0], -1, 64))
+    return (scale.double() * dots * x_scale[:, None, :] + minimum.double() * groups.sum(-1)[:, None, :]).sum(-1)
+
+
+@pytest.mark.skipif(not native_decode.library().gk_has_int4_matvec(), reason="the native head needs AVX512-VNNI")
+@pytest.mark.parametrize("ranked", [False, True])
+def test_rescored_head_recomputes_the_coarse_top_candidates_exactly(ranked):
+    """int8-rescore's decode head in one native call: the coarse logits (int4 head, or the 3-bit ranker greedy
+    decoding uses) everywhere, except the top CANDIDATES of each row, which hold the exact int8 logits of the
+    normed residual; the best of those by exact logit is each row's greedy token. A vocabulary of 8192 rows is
+    large enough for the block search (128 candidates need at least 128 blocks of 64). Residuals of +-1 with
     eps 0 make the norm exact, so torch's normed x is bit for bit the kernel's."""
     from gemmakit.model import RMSNorm
     from gemmakit.quant import QuantEmbedding
 
     gen = torch.Generator().manual_seed(5)
-    vocab, dim = 8192, 64
+    vocab, dim = 8192, 128
     weight = torch.randn(vocab, dim, generator=gen)
     emb = QuantEmbedding(Int8Linear.from_weight(weight, torch.bfloat16), torch.bfloat16,
-                         Int4Linear.from_weight(weight, 32, torch.bfloat16, search=False))
+                         Int4Linear.from_weight(weight, 32, torch.bfloat16, search=False),
+                         Int3Ranker.from_weight(weight))
     norm = RMSNorm(dim, eps=0.0)
     norm.weight.data = torch.randn(dim, generator=gen) * 0.5
     h = torch.randint(0, 2, (3, 1, dim), generator=gen).float() * 2 - 1
     lib = native_decode.library()
     keep: list[torch.Tensor] = []
     head = native_decode._head(lib, emb, norm, emb.table.scales.float(), keep)  # what a decoder binds
-    assert head is not None
-    logits = torch.empty(3, vocab)
+    assert head is not None and head.ranker
+    logits, best = torch.empty(3, vocab), torch.empty(3, dtype=torch.long)
     assert lib.gk_rescored_head(h.reshape(3, dim).contiguous().data_ptr(), 3, ctypes.byref(head), logits.data_ptr(),
-                                2) == 0
+                                int(ranked), best.data_ptr(), 2) == 0
     x = norm(h).view(3, dim)
-    coarse = native_decode.NativeHead(lib)(emb.coarse, x, coarse=True)
+    if ranked:
+        coarse = ranker_logits(emb.ranker, x)
+    else:
+        coarse = native_decode.NativeHead(lib)(emb.coarse, x, coarse=True).double()
     exact = x.double() @ (emb.table.weight_int8.double() * emb.table.scales.double()[:, None]).t()
     top = coarse.topk(emb.CANDIDATES, dim=-1).indices
     for row in range(3):
         rescored = torch.zeros(vocab, dtype=torch.bool)
         rescored[top[row]] = True
-        assert torch.equal(logits[row][~rescored], coarse[row][~rescored])  # the tail keeps the coarse values
+        tail_err = (logits[row][~rescored].double() - coarse[row][~rescored]).abs().max().item()
+        # the tail keeps the coarse values (the int4 ones bit for bit; the ranker's up to fp32 rounding)
+        assert tail_err <= (1e-5 if ranked else 0.0) * coarse[row].abs().max().item()
         err = (logits[row][rescored].double() - exact[row][rescored]).abs().max().item()
         assert err <= 1e-5 * exact[row].abs().max().item()
+        assert best[row].item() == top[row][exact[row][top[row]].argmax()].item()
+
+
+def test_ranker_layout_round_trips_and_bounds_its_error():
+    """The 3-bit ranker's packed planes give back the codes, scales and minima they were made from, and each
+    weight is within half a step of its group's (bf16) range."""
+    from gemmakit import ranker as ranker_module
+
+    w = torch.randn(192, 256, generator=torch.Generator().manual_seed(2))
+    codes, scale, minimum = ranker_module.quantize(w)
+    ranker = Int3Ranker.from_weight(w, rows_per_chunk=64)  # three chunks
+    got = ranker.unpacked()
+    assert torch.equal(got[0], codes) and torch.equal(got[1], scale) and torch.equal(got[2], minimum)
+    assert codes.max().item() == 7 and codes.min().item() == 0
+    err = (ranker.dequantized() - w).abs().view(192, 4, 64).amax(-1)
+    # half a step, plus how far rounding the pair to bf16 (8 significant bits) moves the grid's top and bottom
+    assert bool((err <= scale * (0.5 + 7 / 256) + minimum.abs() / 256).all())
 
 
 def test_native_embedding_is_the_fp32_dequantized_row_times_sqrt_d(tmp_path):

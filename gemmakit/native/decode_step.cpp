@@ -64,6 +64,7 @@ struct GkHead {
   const int8_t* table;
   const float* table_scale;
   int64_t candidates;
+  const uint8_t* ranker;  // the 3-bit ranker (gemmakit/ranker.py) greedy decoding picks candidates with, or null
 };
 
 }  // extern "C"
@@ -408,6 +409,13 @@ constexpr int kInt4Head = 1;
 // machine).
 constexpr int64_t kInt4Ahead = 8192;
 
+// The largest of 64 values.
+inline float max64(const float* v) {
+  float mx = v[0];
+  for (int r = 1; r < 64; ++r) mx = v[r] > mx ? v[r] : mx;
+  return mx;
+}
+
 void int4_block(const uint8_t* block, const uint16_t* sz, int64_t rows, int64_t k, int64_t group,
                 const int8_t* xq, const float* x_scales, const float* group_sums, float* y) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), high16 = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -498,11 +506,66 @@ void int4_matvec(const uint8_t* packed, const uint16_t* sz, int64_t n, int64_t k
       float* out = y + b * n + blk * 64;
       int4_block(packed + blk * k * 32, sz + blk * 64 * 2, n, k, group, a.codes.data() + b * k,
                  a.scales.data() + b * (k / group), a.sums.data() + b * (k / group), out);
-      if (block_max != nullptr) {
-        float mx = out[0];
-        for (int r = 1; r < 64; ++r) mx = out[r] > mx ? out[r] : mx;
-        block_max[b * blocks + blk] = mx;
+      if (block_max != nullptr) block_max[b * blocks + blk] = max64(out);
+    }
+}
+
+// One 64-row block of the 3-bit ranker (layout: gemmakit/ranker.py) against int8 activations [k] with one scale
+// and one exact sum per 64 inputs: y[64] = sum over groups of scale * (codes . x) + minimum * sum(x). For each
+// quarter of 16 rows, one shift and one mask leave 16 rows x 4 consecutive inputs of one bit plane, ready for
+// vpdpbusd against those 4 inputs' activations; the high bit is masked in place as 4 (so both planes add up in
+// one accumulator). The block is one sequential stream: 7 cache lines per quarter, prefetched 8 KB ahead.
+void int3_block(const uint8_t* block, int64_t groups, const int8_t* xq, const float* x_scales,
+                const float* group_sums, float* y) {
+  const __m512i two = _mm512_set1_epi8(0x03), four = _mm512_set1_epi8(0x04);
+  const __m512i high16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 out[4];
+  for (auto& o : out) o = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    int32_t quads[16];  // activations of inputs 4i..4i+3 of this group
+    std::memcpy(quads, xq + g * 64, 64);
+    const __m512 xs = _mm512_set1_ps(x_scales[g]), sums = _mm512_set1_ps(group_sums[g]);
+    for (int r4 = 0; r4 < 4; ++r4) {
+      const uint8_t* q = block + (g * 4 + r4) * 448;
+      for (int line = 0; line < 7; ++line) _mm_prefetch(reinterpret_cast<const char*>(q) + kInt4Ahead + 64 * line,
+                                                        _MM_HINT_T0);
+      __m512i acc = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c) {  // low planes: byte j of a lane holds inputs 16c + 4s + j at bits 2s, 2s+1
+        const __m512i v = _mm512_loadu_si512(q + c * 64);
+        for (int s = 0; s < 4; ++s)
+          acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 2 * s), two),
+                                    _mm512_set1_epi32(quads[c * 4 + s]));
       }
+      for (int c = 0; c < 2; ++c) {  // high planes: byte j holds input 32c + 4s + j at bit s, moved to bit 2
+        const __m512i v = _mm512_loadu_si512(q + 256 + c * 64);
+        for (int s = 0; s < 8; ++s) {
+          const __m512i at2 = s <= 2 ? _mm512_slli_epi16(v, 2 - s) : _mm512_srli_epi16(v, s - 2);
+          acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(at2, four), _mm512_set1_epi32(quads[c * 8 + s]));
+        }
+      }
+      const __m512i pairs = _mm512_loadu_si512(q + 384);  // (scale, minimum) bf16 of the quarter's 16 rows
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+      const __m512 minimum = _mm512_castsi512_ps(_mm512_and_si512(pairs, high16));
+      out[r4] = _mm512_fmadd_ps(scale, _mm512_mul_ps(_mm512_cvtepi32_ps(acc), xs), out[r4]);
+      out[r4] = _mm512_fmadd_ps(minimum, sums, out[r4]);
+    }
+  }
+  for (int r4 = 0; r4 < 4; ++r4) _mm512_storeu_ps(y + 16 * r4, out[r4]);
+}
+
+
+// y [batch, n] from the 3-bit ranker of a [n, k] head, and each 64-row block's largest value [batch, n / 64].
+void int3_matvec(const uint8_t* planes, int64_t n, int64_t k, const float* x, int64_t batch, float* y,
+                 float* block_max, int threads) {
+  const Int8Activations a = quantize_rows(x, batch, k, 64);
+  const int64_t blocks = n / 64;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t blk = 0; blk < blocks; ++blk)
+    for (int64_t b = 0; b < batch; ++b) {
+      float* out = y + b * n + blk * 64;
+      int3_block(planes + blk * (k / 64) * 4 * 448, k / 64, a.codes.data() + b * k, a.scales.data() + b * (k / 64),
+                 a.sums.data() + b * (k / 64), out);
+      block_max[b * blocks + blk] = max64(out);
     }
 }
 #endif
@@ -520,6 +583,55 @@ std::vector<int64_t> largest(const float* values, std::vector<int64_t> pool, int
     pool.resize(count);
   }
   return pool;
+}
+
+// Whether `a` beats `b` as torch's argmax sees it: larger, a NaN before any number, the lower index on ties.
+inline bool beats(const float* y, int64_t a, int64_t b) {
+  const bool nan_a = y[a] != y[a], nan_b = y[b] != y[b];
+  if (nan_a || nan_b) return nan_a && (!nan_b || a < b);
+  return y[a] > y[b] || (y[a] == y[b] && a < b);
+}
+
+// The decode-time LM head of scheme int8-rescore: x = rms_norm(h) * (1 + w); coarse logits [batch, n] from the
+// int4 head (or, with `ranked`, the 3-bit ranker); then the `candidates` largest of each row recomputed exactly
+// from the int8 table (fp32 x). The largest logits lie in the blocks of 64 rows with the largest maxima (a block
+// holding one of them has a maximum at least as large, and only `candidates` blocks can), so the search reads
+// 64 x candidates values. With `best`, best[b] is the best candidate of row b by its exact logit.
+int rescored_head(const float* h, int64_t batch, const GkHead* head, float* y, int threads, bool ranked,
+                  int64_t* best) {
+  const int64_t n = head->n, k = head->k, candidates = head->candidates;
+  if (!int4_shape_ok(n, k, head->group) || candidates > n / 64 || (ranked && (head->ranker == nullptr || k % 64)))
+    return -1;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+  std::vector<float> x(batch * k), block_max(batch * (n / 64));
+  for (int64_t b = 0; b < batch; ++b) rms_norm(h + b * k, head->norm, head->eps, x.data() + b * k, k);
+  if (ranked)
+    int3_matvec(head->ranker, n, k, x.data(), batch, y, block_max.data(), threads);
+  else
+    int4_matvec(head->packed, head->scales_zeros, n, k, head->group, x.data(), batch, y, block_max.data(), threads);
+  for (int64_t b = 0; b < batch; ++b) {
+    std::vector<int64_t> blocks(n / 64);
+    for (int64_t i = 0; i < n / 64; ++i) blocks[i] = i;
+    // the candidates-th largest block maximum is a floor for the candidates largest values (the chosen blocks'
+    // maxima are that many values at least as large), so only values above it need ranking
+    const float* maxima = block_max.data() + b * (n / 64);
+    const std::vector<int64_t> chosen = largest(maxima, blocks, candidates);
+    float floor = INFINITY;
+    for (int64_t blk : chosen) floor = std::min(floor, maxima[blk]);
+    float* yb = y + b * n;
+    std::vector<int64_t> rows;
+    for (int64_t blk : chosen)
+      for (int64_t r = blk * 64; r < blk * 64 + 64; ++r)
+        if (yb[r] >= floor) rows.push_back(r);
+    rows = largest(yb, rows, candidates);
+    for (int64_t row : rows) yb[row] = dot(head->table + row * k, x.data() + b * k, k) * head->table_scale[row];
+    if (best != nullptr) {
+      best[b] = rows[0];
+      for (int64_t row : rows) best[b] = beats(yb, row, best[b]) ? row : best[b];
+    }
+  }
+#endif
+  return 0;
 }
 
 }  // namespace
@@ -541,36 +653,11 @@ int gk_int4_matvec(const uint8_t* packed, const uint16_t* scales_zeros, int64_t 
   return 0;
 }
 
-// The decode-time LM head of scheme int8-rescore in one call: x = rms_norm(h) * (1 + w); logits [batch, n] from
-// the int4 head; then the `candidates` largest of each row recomputed exactly from the int8 table (fp32 x).
-// The largest logits lie in the blocks of 64 rows with the largest maxima (a block holding one of them has a
-// maximum at least as large, and only `candidates` blocks can), so the search reads 64 x candidates values.
-int gk_rescored_head(const float* h, int64_t batch, const GkHead* head, float* y, int threads) {
-  const int64_t n = head->n, k = head->k, candidates = head->candidates;
-  if (!int4_shape_ok(n, k, head->group) || candidates > n / 64) return -1;
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
-  std::vector<float> x(batch * k), block_max(batch * (n / 64));
-  for (int64_t b = 0; b < batch; ++b) rms_norm(h + b * k, head->norm, head->eps, x.data() + b * k, k);
-  int4_matvec(head->packed, head->scales_zeros, n, k, head->group, x.data(), batch, y, block_max.data(), threads);
-  for (int64_t b = 0; b < batch; ++b) {
-    std::vector<int64_t> blocks(n / 64);
-    for (int64_t i = 0; i < n / 64; ++i) blocks[i] = i;
-    // the candidates-th largest block maximum is a floor for the candidates largest values (the chosen blocks'
-    // maxima are that many values at least as large), so only values above it need ranking
-    const float* maxima = block_max.data() + b * (n / 64);
-    const std::vector<int64_t> chosen = largest(maxima, blocks, candidates);
-    float floor = INFINITY;
-    for (int64_t blk : chosen) floor = std::min(floor, maxima[blk]);
-    float* yb = y + b * n;
-    std::vector<int64_t> rows;
-    for (int64_t blk : chosen)
-      for (int64_t r = blk * 64; r < blk * 64 + 64; ++r)
-        if (yb[r] >= floor) rows.push_back(r);
-    for (int64_t row : largest(yb, rows, candidates))
-      yb[row] = dot(head->table + row * k, x.data() + b * k, k) * head->table_scale[row];
-  }
-#endif
-  return 0;
+// rescored_head: coarse logits from the int4 head (sampling), or with `ranked` from the 3-bit ranker (what greedy
+// decoding ranks by; its tail is too coarse to sample from); `best` may be null.
+int gk_rescored_head(const float* h, int64_t batch, const GkHead* head, float* y, int ranked, int64_t* best,
+                     int threads) {
+  return rescored_head(h, batch, head, y, threads, ranked != 0, best);
 }
 
 // out[b] = the index of the first largest value of row b of y [rows, n], as torch's argmax (a NaN counts as
@@ -620,12 +707,15 @@ void gk_int8_matvec(const int8_t* w, const float* scale, int64_t n, int64_t k, c
   matvecs(&job, 1, batch);
 }
 
-// Greedy decoding's whole step for ids [B]: the layers (h [B, hidden] is scratch), the rescored head into
-// `logits` [B, n], and each row's argmax into `out` [B], as torch's argmax of those logits would choose.
+// Greedy decoding's whole step for ids [B]: the layers (h [B, hidden] is scratch), then the head into `logits`
+// [B, n] (scratch) and each row's token into `out` [B]. With a 3-bit ranker, the token is the best candidate it
+// proposes by exact int8 logit; without, torch's argmax of the int4 head's rescored logits.
 int gk_greedy_step(const GkModel* model, const GkHead* head, const int64_t* ids, int64_t now, float* h,
                    float* logits, int64_t* out, int threads) {
   int done = gk_decode_step(model, h, ids, now, threads);
-  if (done == 0) done = gk_rescored_head(h, model->batch, head, logits, threads);
+  if (done != 0) return done;
+  if (head->ranker != nullptr) return rescored_head(h, model->batch, head, logits, threads, true, out);
+  done = rescored_head(h, model->batch, head, logits, threads, false, nullptr);
   if (done == 0) gk_argmax(logits, model->batch, head->n, out);
   return done;
 }

@@ -29,7 +29,7 @@ from gemmakit.config import GemmaConfig
 from gemmakit.errors import FormatError, InputError
 from gemmakit.weights.aligned_safetensors import save_aligned, without_padding
 
-FORMAT_VERSION = "2"  # 2: tensors 64-byte aligned (used in place from the memory map)
+FORMAT_VERSION = "3"  # 2: tensors 64-byte aligned (used in place from the memory map); 3: + the 3-bit ranker
 _EDGE = 1 << 20
 
 
