@@ -18,6 +18,8 @@ Error bounds, and why they are what they are (errors are |logit error| relative 
 
 from __future__ import annotations
 
+import ctypes
+
 import os
 
 import pytest
@@ -193,6 +195,21 @@ def test_real_270m_default_load_is_int8_rescore_and_close_to_fp32(real, monkeypa
             top = decode.topk(8).indices
             assert torch.allclose(decode[0, top[0]], exact[0, top[0]], atol=0.25)
     assert "France" in fast.generate("The capital of France is", max_new_tokens=8)
+    # greedy decoding's 3-bit ranker proposes the exact int8 argmax among its candidates at every position
+    decoder = getattr(fast.module, "native_decoder", None)
+    if decoder is not None and emb.ranker is not None:
+        from gemmakit.cache import KVCache
+
+        head = decoder._binding(KVCache(fast.module.config, 1, 8, fast.module.dtype)).head
+        with torch.inference_mode():
+            h = fast.module.hidden_states(torch.tensor([ids]))[0].float().contiguous()
+            x = fast.module.model.norm(h).double()
+        best, logits = torch.empty(len(ids), dtype=torch.long), torch.empty(len(ids), emb.num_embeddings)
+        assert decoder.lib.gk_rescored_head(h.data_ptr(), len(ids), ctypes.byref(head), logits.data_ptr(), 1,
+                                            best.data_ptr(), 2) == 0
+        exact = x @ (emb.table.weight_int8.double() * emb.table.scales.double()[:, None]).t()
+        chosen = exact.gather(1, best[:, None])[:, 0]
+        assert bool((chosen >= exact.amax(-1) - 1e-4).all())  # up to fp32 rounding of a near-tie
 
 
 def test_top_indices_finds_the_same_set_as_topk():
