@@ -302,9 +302,11 @@ class NativeDecoder:
         return self.model.unembed(h.unsqueeze(1))[:, -1]
 
     def greedy_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
-        """The greedy next token [B] after ids [B] (int64), in one library call: the same token as
-        `argmax(step(ids, cache))`, with no Python between the layers, the head and the choice. None (nothing
-        done) when this model's head is not the native one, or its logits are soft-capped."""
+        """The greedy next token [B] after ids [B] (int64), in one library call with no Python between the
+        layers, the head and the choice. With the head's 3-bit ranker: the best of its candidates by exact int8
+        logit, which is `argmax(step(ids, cache))` whenever that token is among them (on the real 270M it always
+        was: tests/test_quant.py); without: that argmax. None (nothing done) when this model's head is not the
+        native one, or its logits are soft-capped."""
         binding = self._binding(cache)
         if not binding.greedy or ids.dtype != torch.long or not ids.is_contiguous():
             return None
