@@ -155,8 +155,17 @@ def generate_tokens(
             logits = model(token.view(-1, 1), cache=cache, last_only=True)[:, -1]
         return choose(logits, sampling, generator, greedy)
 
+    def first_token() -> torch.Tensor:
+        if sampling.greedy and hasattr(decoder, "greedy_choice") and decoder.usable(cache):
+            h = model.hidden_states(ids.to(device), cache)[:, -1]
+            chosen = decoder.greedy_choice(h, cache)  # the head greedy_step uses
+            logits = model.unembed(h[:, None])[:, -1] if chosen is None else None
+        else:
+            chosen, logits = None, model(ids.to(device), cache=cache, last_only=True)[:, -1]
+        return chosen if chosen is not None else choose(logits, sampling, generator, greedy)
+
     with torch.inference_mode():
-        token = choose(model(ids.to(device), cache=cache, last_only=True)[:, -1], sampling, generator, greedy)
+        token = first_token()
         for step in range(max_new_tokens):
             yield token
             # plain Python on the [B] ids: a few torch ops here cost more than the choice itself

@@ -323,6 +323,21 @@ class NativeDecoder:
         cache.length = now + 1
         return out
 
+    def greedy_choice(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """The greedy token [B] for last-position residuals h [B, d] (before the final norm, e.g. a prompt's),
+        chosen as `greedy_step` chooses with the 3-bit ranker; None when there is no ranker. A greedy
+        generation then never reads the int4 head (94 MB that would stay resident)."""
+        binding = self._binding(cache)
+        if not binding.greedy or not binding.head.ranker:
+            return None
+        h = h.to(torch.float32).contiguous()
+        logits, best = torch.empty(h.shape[0], binding.vocab), torch.empty(h.shape[0], dtype=torch.long)
+        done = self.lib.gk_rescored_head(h.data_ptr(), h.shape[0], ctypes.byref(binding.head), logits.data_ptr(), 1,
+                                         best.data_ptr(), torch.get_num_threads())
+        if done != 0:
+            raise RuntimeError(f"native rescored head failed ({done})")
+        return best
+
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits.argmax(-1)` (first index of the maximum, NaN counted largest) in one pass over [B, V] fp32
         logits, while they are still in cache; other tensors go to `engine.argmax_rows`."""

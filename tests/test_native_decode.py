@@ -110,7 +110,8 @@ def wide_vocab(family: str, directory, vocab: int = 8192) -> torch.nn.Module:
 @pytest.mark.skipif(not native_decode.library().gk_has_int4_matvec(), reason="the native head needs AVX512-VNNI")
 def test_fused_greedy_step_chooses_what_step_and_argmax_choose(tmp_path):
     """Greedy generation takes the one-call path (layers, candidates from the 3-bit ranker, the best of them by
-    exact int8 logit) and yields exactly the tokens of the separate native step (int4 candidates) and argmax:
+    exact int8 logit; the prompt's token from the same head) and yields exactly the tokens of the separate
+    native step (int4 candidates) and argmax:
     the exact maximum is among the ranker's 128 candidates at every step. A soft-capped head (Gemma 2) declines
     the fused path, so capping stays in one place."""
     model = quantize_model(wide_vocab("gemma3", tmp_path), "int8-rescore")
@@ -121,9 +122,11 @@ def test_fused_greedy_step_chooses_what_step_and_argmax_choose(tmp_path):
     fused_calls = []
     greedy_step = decoder.greedy_step
     decoder.greedy_step = lambda *a: fused_calls.append(1) or greedy_step(*a)
+    greedy_choice = decoder.greedy_choice
+    decoder.greedy_choice = lambda *a: fused_calls.append(0) or greedy_choice(*a)  # the prompt's token
     fused = torch.stack(list(generate_tokens(model, prompts, STEPS)))
-    assert len(fused_calls) == STEPS - 1
-    decoder.greedy_step = lambda *a: None  # what generation does without the fused call
+    assert sorted(fused_calls) == [0] + [1] * (STEPS - 1)
+    decoder.greedy_step = decoder.greedy_choice = lambda *a: None  # what generation does without them
     separate = torch.stack(list(generate_tokens(model, prompts, STEPS)))
     assert torch.equal(fused, separate)
     assert len(set(fused.flatten().tolist())) > 5  # a real sequence, not one token repeated

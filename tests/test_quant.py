@@ -19,7 +19,6 @@ Error bounds, and why they are what they are (errors are |logit error| relative 
 from __future__ import annotations
 
 import ctypes
-
 import os
 
 import pytest
