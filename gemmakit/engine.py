@@ -54,13 +54,51 @@ def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         floor = probs.max(dim=-1, keepdim=True).values * sampling.min_p
         logits = logits.masked_fill(probs < floor, float("-inf"))
     if sampling.top_p is not None and sampling.top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first token always stays)
-        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= sampling.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = _nucleus(logits, sampling.top_p)
     return logits
+
+
+# Tokens sorted to find a nucleus before falling back to sorting the whole vocabulary: a nucleus is usually a
+# few dozen tokens, and sorting 262,144 logits takes ~20 ms on two cores (a top 1024 and its sort, ~1 ms).
+NUCLEUS_SEARCH = 1024
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """-inf for every token outside the smallest set of most likely tokens whose probability reaches top_p: a
+    token is dropped when the tokens ranked above it already reach it (the first token always stays)."""
+    probs = torch.softmax(logits, dim=-1)
+    search = min(NUCLEUS_SEARCH, logits.shape[-1])
+    top, order = probs.topk(search, dim=-1)  # sorted, largest first
+    if not bool((top.sum(dim=-1) >= top_p).all()):  # some row's nucleus is wider: rank its whole vocabulary
+        top, order = torch.sort(probs, dim=-1, descending=True)
+    drop_sorted = (top.cumsum(dim=-1) - top) >= top_p
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, ~drop_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None,
+         block: int = 64) -> torch.Tensor:
+    """One token per row of probs [B, V] (any non-negative weights), by inverse CDF: one uniform number per row,
+    then the first token whose cumulative weight exceeds it, found in two levels (blocks of 64 tokens, then
+    inside the chosen block) with float64 sums. torch.multinomial takes ~4.5 ms on a 262k-wide row on two cores,
+    a float64 cumsum of the whole row 1.5 ms, this ~0.1. A token of weight 0 is never drawn. With one generator
+    per row, row r uses only generator r."""
+    rows, width = probs.shape
+    if isinstance(generator, (list, tuple)):
+        u = torch.cat([torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in generator])
+    else:
+        u = torch.rand(rows, generator=generator, device=probs.device, dtype=torch.float64)
+    block = block if width % block == 0 else width
+    blocks = probs.view(rows, width // block, block)
+    cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # [B, blocks]
+    target = (u * cdf[:, -1]).unsqueeze(-1)
+    chosen = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)  # [B, 1]
+    before = torch.where(chosen > 0, cdf.gather(-1, (chosen - 1).clamp(min=0)), 0.0)
+    weights = blocks[torch.arange(rows, device=probs.device), chosen.squeeze(-1)]  # [B, block]
+    inner = torch.searchsorted(weights.double().cumsum(dim=-1), target - before, right=True).squeeze(-1)
+    # summation order can leave the residual a rounding above the block's own cumsum: take its last real token
+    last = (torch.arange(block, device=probs.device) * (weights > 0)).amax(dim=-1)
+    return chosen.squeeze(-1) * block + torch.minimum(inner, last)
 
 
 def argmax_rows(logits: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -86,10 +124,7 @@ def choose(logits: torch.Tensor, sampling: Sampling,
     choice (a step decoder may bring a faster one with the same result)."""
     if sampling.greedy:
         return argmax(logits)
-    probs = torch.softmax(filter_logits(logits, sampling), dim=-1)
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.multinomial(probs[r: r + 1], 1, generator=g) for r, g in enumerate(generator)])[:, 0]
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(torch.softmax(filter_logits(logits, sampling), dim=-1), generator)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
