@@ -16,6 +16,7 @@ from gemmakit.cache import KVCache
 from gemmakit.compiled_decode import capacity_for
 from gemmakit.errors import InputError
 from gemmakit.model import Transformer
+from gemmakit.quant import top_indices
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """Scale by temperature and set to -inf every token that top-k, top-p or min-p rules out. logits: [B, V]."""
     logits = logits.float() / sampling.temperature
     if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        kth = logits.gather(-1, top_indices(logits, sampling.top_k)).amin(dim=-1, keepdim=True)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.min_p is not None and sampling.min_p > 0:
         probs = torch.softmax(logits, dim=-1)
@@ -68,7 +69,9 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     token is dropped when the tokens ranked above it already reach it (the first token always stays)."""
     probs = torch.softmax(logits, dim=-1)
     search = min(NUCLEUS_SEARCH, logits.shape[-1])
-    top, order = probs.topk(search, dim=-1)  # sorted, largest first
+    candidates = top_indices(probs, search)
+    top, rank = probs.gather(-1, candidates).sort(dim=-1, descending=True)
+    order = candidates.gather(-1, rank)
     if not bool((top.sum(dim=-1) >= top_p).all()):  # some row's nucleus is wider: rank its whole vocabulary
         top, order = torch.sort(probs, dim=-1, descending=True)
     drop_sorted = (top.cumsum(dim=-1) - top) >= top_p
