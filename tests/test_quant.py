@@ -124,6 +124,14 @@ def test_cache_is_used_and_keyed_by_the_file(tiny_dir, tmp_path):
     again = gemmakit.load(tiny_dir, quant="int8")
     assert torch.equal(first.logits([2, 5, 9]), again.logits([2, 5, 9]))
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # reused, not rewritten
+    # a conversion in an older format is deleted when the current one is written; other sources' files stay
+    current = files[0]
+    older = current.with_name(current.name.replace(f"-v{converted.FORMAT_VERSION}.", "-v1."))
+    other = current.with_name("other-model-int8-0123456789abcdef0123-v1.safetensors")
+    current.rename(older)
+    other.write_bytes(b"not ours")
+    gemmakit.load(tiny_dir, quant="int8")
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors")) == sorted([current.name, other.name])
 
 
 def test_fingerprint_changes_with_the_file(tmp_path):

@@ -187,8 +187,16 @@ def convert(source: str | Path, scheme_name: str, out: str | Path | None = None,
 
 
 def cached(source: str | Path, scheme_name: str, progress: bool = True) -> Path:
-    """The cached conversion of `source`, created on first use."""
+    """The cached conversion of `source`, created on first use. Conversions of the same file to the same scheme
+    in older formats are then deleted: each is a full copy of the weights that nothing reads any more."""
     path = cache_path(source, scheme_name)
     if path.exists():
         return path
-    return convert(source, scheme_name, path, progress)
+    path = convert(source, scheme_name, path, progress)
+    prefix = path.name[:path.name.rindex("-v") + 2]
+    for old in path.parent.glob(f"{prefix}*.safetensors"):
+        if old != path:
+            old.unlink(missing_ok=True)
+            if progress:
+                print(f"[gemmakit: removed {old.name}, an older format of the same conversion]")
+    return path
