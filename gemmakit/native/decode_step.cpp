@@ -8,9 +8,10 @@
 // Numerics: activations stay fp32 from the embedding to the final residual (torch's quantised path rounds
 // them to bf16 between ops); weights are w = q * scale exactly as `gemmakit.quant.Int8Linear` defines them.
 // So this step computes the fp32 model whose weights are the dequantised int8 ones, to fp32 rounding.
-// The caller embeds the token (see gemmakit/native_decode.py). The LM head's products follow at the end of
-// this file: gk_int8_matvec, gk_int4_matvec, and gk_rescored_head (final norm, int4 candidate head, exact
-// int8 rescoring of the candidates in one call).
+// The step embeds token ids itself (or takes the caller's embeddings). The LM heads follow at the end of this
+// file: gk_int8_matvec, gk_int4_matvec, and gk_rescored_head (final norm, candidates from the int4 head or the
+// 3-bit ranker of gemmakit/ranker.py, exact int8 rescoring of the candidates in one call); gk_greedy_step
+// runs a whole greedy token (layers, ranked head, choice) in one call.
 //
 // Built by gemmakit.native_decode with g++ -O3 -march=native -fopenmp and called through ctypes; the
 // OpenMP runtime it links is the one torch has already loaded (same soname), so threads are shared.
