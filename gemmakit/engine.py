@@ -197,10 +197,12 @@ def generate_tokens(
         if sampling.greedy and hasattr(decoder, "greedy_choice") and decoder.usable(cache):
             h = model.hidden_states(ids.to(device), cache)[:, -1]
             chosen = decoder.greedy_choice(h, cache)  # the head greedy_step uses
-            logits = model.unembed(h[:, None])[:, -1] if chosen is None else None
+            if chosen is not None:
+                return chosen
+            logits = model.unembed(h[:, None])[:, -1]
         else:
-            chosen, logits = None, model(ids.to(device), cache=cache, last_only=True)[:, -1]
-        return chosen if chosen is not None else choose(logits, sampling, generator, greedy)
+            logits = model(ids.to(device), cache=cache, last_only=True)[:, -1]
+        return choose(logits, sampling, generator, greedy)
 
     with torch.inference_mode():
         token = first_token()
