@@ -277,6 +277,9 @@ def _gemmakit(**load_kw) -> dict:
         for _ in generate_tokens(mod, [TOKENS["decode_prompt"]], n):
             pass
         compile_s = time.perf_counter() - start
+    # the native greedy step reads the 3-bit ranker; the eager and compiled paths read the int4 head
+    decoder = getattr(mod, "native_decoder", None)
+    ranked = decoder is not None and decoder.greedy_reads_ranker
     _gemmakit_decode_tps(mod, WARMUP_TOKENS)
     reset_peak_rss()
     decode_tps = _gemmakit_decode_tps(mod)
@@ -295,7 +298,7 @@ def _gemmakit(**load_kw) -> dict:
 
         ppl = perplexity(window_logits)
     return {"load_s": load_s, "first_load_s": first, "decode_tps": decode_tps, "prefill_tps": ids.shape[1] / best,
-            "ppl": ppl, "rss_mb": rss, "bytes_per_token": weight_bytes_per_token(mod),
+            "ppl": ppl, "rss_mb": rss, "bytes_per_token": weight_bytes_per_token(mod, ranked=ranked),
             "scheme": str(getattr(mod, "quant_scheme", None)), "compile_s": compile_s}
 
 

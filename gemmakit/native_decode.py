@@ -338,6 +338,18 @@ class NativeDecoder:
             raise RuntimeError(f"native rescored head failed ({done})")
         return best
 
+    @property
+    def greedy_reads_ranker(self) -> bool:
+        """Whether greedy decoding picks its candidates with the head's 3-bit ranker (and so reads it instead of
+        the int4 head): the same test `_bind` applies, without a cache."""
+        model = self.model
+        emb = model.model.embed_tokens
+        if (model.config.final_softcap is not None or not isinstance(emb, QuantEmbedding)
+                or type(emb.table) is not Int8Linear):
+            return False
+        head = _head(self.lib, emb, model.model.norm, emb.table.scales.float(), [])
+        return head is not None and bool(head.ranker)
+
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits.argmax(-1)` (first index of the maximum, NaN counted largest) in one pass over [B, V] fp32
         logits, while they are still in cache; other tensors go to `engine.argmax_rows`."""

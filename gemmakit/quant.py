@@ -377,17 +377,18 @@ def count_convertible(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if isinstance(m, nn.Linear)) + 1
 
 
-def weight_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of weights one greedy decode step reads: every linear, the whole head, one embedding row (ignored).
-    With a coarse head, the head is its candidate-picking copy (the 3-bit ranker where there is one, as greedy
-    decoding reads it; sampling reads the int4 copy) plus CANDIDATES rows of the exact one."""
+def weight_bytes_per_token(model: nn.Module, ranked: bool = False) -> int:
+    """Bytes of weights one decode step reads: every linear, the whole head, one embedding row (ignored). With a
+    coarse head, the head is its candidate-picking copy plus CANDIDATES rows of the exact one; the copy is the
+    3-bit ranker when `ranked` (the native greedy step: `NativeDecoder.greedy_reads_ranker`), else the int4
+    head (sampling, and every other decode path)."""
     total = 0
     emb = model.model.embed_tokens
     skip: list[nn.Module] = []
     if isinstance(emb, QuantEmbedding) and emb.coarse is not None:
         skip.append(emb.table)
         total += emb.CANDIDATES * sum(t.numel() * t.element_size() for t in emb.table.buffers()) // emb.num_embeddings
-        if emb.ranker is not None:
+        if ranked and emb.ranker is not None:
             skip.append(emb.coarse)
             total += emb.ranker.planes.numel()
     for module in model.modules():

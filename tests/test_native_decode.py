@@ -131,8 +131,18 @@ def test_fused_greedy_step_chooses_what_step_and_argmax_choose(tmp_path):
     assert torch.equal(fused, separate)
     assert len(set(fused.flatten().tolist())) > 5  # a real sequence, not one token repeated
 
+    # what greedy decoding reads: the ranker instead of the int4 head (the bench's bytes a token)
+    from gemmakit.quant import weight_bytes_per_token
+
+    emb = model.model.embed_tokens
+    assert decoder.greedy_reads_ranker
+    int4_bytes = sum(t.numel() * t.element_size() for t in emb.coarse.buffers())
+    assert (weight_bytes_per_token(model) - weight_bytes_per_token(model, ranked=True)
+            == int4_bytes - emb.ranker.planes.numel())
+
     capped = quantize_model(wide_vocab("gemma2", tmp_path / "g2"), "int8-rescore")
     assert native_decode.enable(capped)
+    assert not capped.native_decoder.greedy_reads_ranker
     cache = KVCache(capped.config, 1, 16, capped.dtype)
     assert capped.native_decoder.greedy_step(torch.tensor([2]), cache) is None
     assert cache.length == 0
