@@ -407,8 +407,8 @@ constexpr int kInt4Head = 1;
 // Software prefetches keep more of memory's bandwidth busy than the hardware's alone: the codes' stream 8 KB
 // ahead and the (scale, zero) pairs' ten strided streams two blocks ahead made the 262144-row head ~1.3x faster
 // (in one process, alternating: 1.8 vs 2.2 ms with the codes' prefetch, then 2.4 vs 2.85 with both on a busier
-// machine).
-constexpr int64_t kInt4Ahead = 8192;
+// machine). The 3-bit ranker's single stream takes the same distance (4-16 KB measured alike).
+constexpr int64_t kHeadAhead = 8192;
 
 // The largest of 64 values.
 inline float max64(const float* v) {
@@ -426,8 +426,8 @@ void int4_block(const uint8_t* block, const uint16_t* sz, int64_t rows, int64_t 
     __m256i acc[8];
     for (auto& a : acc) a = _mm256_setzero_si256();
     for (int64_t i = g0; i < g0 + group; i += 4) {
-      _mm_prefetch(reinterpret_cast<const char*>(block + i * 32) + kInt4Ahead, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(block + i * 32) + kInt4Ahead + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(block + i * 32) + kHeadAhead, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(block + i * 32) + kHeadAhead + 64, _MM_HINT_T0);
       const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + i * 32));
       const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + (i + 1) * 32));
       const __m256i r2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + (i + 2) * 32));
@@ -516,9 +516,11 @@ void int4_matvec(const uint8_t* packed, const uint16_t* sz, int64_t n, int64_t k
 // quarter of 16 rows, one shift and one mask leave 16 rows x 4 consecutive inputs of one bit plane, ready for
 // vpdpbusd against those 4 inputs' activations; the high bit is masked in place as 4 (so both planes add up in
 // one accumulator). The block is one sequential stream: 7 cache lines per quarter, prefetched 8 KB ahead.
+constexpr int64_t kQuarterBytes = 448;  // 16 rows x 64 inputs: 4 + 2 planes of 64 bytes, 64 bytes of pairs
+
 void int3_block(const uint8_t* block, int64_t groups, const int8_t* xq, const float* x_scales,
                 const float* group_sums, float* y) {
-  const __m512i two = _mm512_set1_epi8(0x03), four = _mm512_set1_epi8(0x04);
+  const __m512i low2 = _mm512_set1_epi8(0x03), four = _mm512_set1_epi8(0x04);
   const __m512i high16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 out[4];
   for (auto& o : out) o = _mm512_setzero_ps();
@@ -527,14 +529,14 @@ void int3_block(const uint8_t* block, int64_t groups, const int8_t* xq, const fl
     std::memcpy(quads, xq + g * 64, 64);
     const __m512 xs = _mm512_set1_ps(x_scales[g]), sums = _mm512_set1_ps(group_sums[g]);
     for (int r4 = 0; r4 < 4; ++r4) {
-      const uint8_t* q = block + (g * 4 + r4) * 448;
-      for (int line = 0; line < 7; ++line) _mm_prefetch(reinterpret_cast<const char*>(q) + kInt4Ahead + 64 * line,
+      const uint8_t* q = block + (g * 4 + r4) * kQuarterBytes;
+      for (int line = 0; line < 7; ++line) _mm_prefetch(reinterpret_cast<const char*>(q) + kHeadAhead + 64 * line,
                                                         _MM_HINT_T0);
       __m512i acc = _mm512_setzero_si512();
       for (int c = 0; c < 4; ++c) {  // low planes: byte j of a lane holds inputs 16c + 4s + j at bits 2s, 2s+1
         const __m512i v = _mm512_loadu_si512(q + c * 64);
         for (int s = 0; s < 4; ++s)
-          acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 2 * s), two),
+          acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 2 * s), low2),
                                     _mm512_set1_epi32(quads[c * 4 + s]));
       }
       for (int c = 0; c < 2; ++c) {  // high planes: byte j holds input 32c + 4s + j at bit s, moved to bit 2
@@ -554,7 +556,6 @@ void int3_block(const uint8_t* block, int64_t groups, const int8_t* xq, const fl
   for (int r4 = 0; r4 < 4; ++r4) _mm512_storeu_ps(y + 16 * r4, out[r4]);
 }
 
-
 // y [batch, n] from the 3-bit ranker of a [n, k] head, and each 64-row block's largest value [batch, n / 64].
 void int3_matvec(const uint8_t* planes, int64_t n, int64_t k, const float* x, int64_t batch, float* y,
                  float* block_max, int threads) {
@@ -564,7 +565,7 @@ void int3_matvec(const uint8_t* planes, int64_t n, int64_t k, const float* x, in
   for (int64_t blk = 0; blk < blocks; ++blk)
     for (int64_t b = 0; b < batch; ++b) {
       float* out = y + b * n + blk * 64;
-      int3_block(planes + blk * (k / 64) * 4 * 448, k / 64, a.codes.data() + b * k, a.scales.data() + b * (k / 64),
+      int3_block(planes + blk * (k / 64) * 4 * kQuarterBytes, k / 64, a.codes.data() + b * k, a.scales.data() + b * (k / 64),
                  a.sums.data() + b * (k / 64), out);
       block_max[b * blocks + blk] = max64(out);
     }
