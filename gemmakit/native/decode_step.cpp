@@ -644,8 +644,8 @@ extern "C" {
 int gk_has_int4_matvec() { return kInt4Head; }
 
 // y [batch, n] = x [batch, k] W^T for W int4 in torch's CPU layout ([n/64, k, 32] bytes) with bf16 (scale, zero)
-// pairs [k/group, n, 2]. The activations are rounded to int8 with one scale per row (the head's own error
-// dominates: this is for heads that only rank candidates). Returns -1 if unsupported.
+// pairs [k/group, n, 2]. The activations are rounded to int8 with one scale per group of inputs (the head's own
+// error dominates: this is for heads that only rank candidates). Returns -1 if unsupported.
 int gk_int4_matvec(const uint8_t* packed, const uint16_t* scales_zeros, int64_t n, int64_t k, int64_t group,
                    const float* x, int64_t batch, float* y, int threads) {
   if (!int4_shape_ok(n, k, group)) return -1;
