@@ -19,7 +19,7 @@ from gemmakit.train.data import read_jsonl  # noqa: E402
 from gemmakit.train.distill import DistillConfig, train_distill  # noqa: E402
 from gemmakit.train.lora import LoraConfig  # noqa: E402
 from gemmakit.train.sft import SFTConfig, train_sft  # noqa: E402
-from train_helpers import save_tiny_model, write_jsonl  # noqa: E402
+from support.train_helpers import save_tiny_model, write_jsonl  # noqa: E402
 
 
 def main() -> int:

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from gemmakit.export import save_gguf  # noqa: E402
 from gemmakit.loader import build_model  # noqa: E402
 from gemmakit.weights import hf  # noqa: E402
-from tiny_models import VOCAB, save_hf_model  # noqa: E402
-from train_helpers import tiny_tokenizer  # noqa: E402
+from support.tiny_models import VOCAB, save_hf_model  # noqa: E402
+from support.train_helpers import tiny_tokenizer  # noqa: E402
 
 
 def compare(model: torch.nn.Module, path: Path, ids: list[int]) -> tuple[float, float]:
