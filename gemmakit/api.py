@@ -14,7 +14,7 @@ import torch
 
 from gemmakit.chat import render_chat
 from gemmakit.config import GemmaConfig
-from gemmakit.engine import Sampling, generate_tokens
+from gemmakit.decoding import DecoderChoice, Request, Sampling, Scheduler, choose_decoder
 from gemmakit.errors import InputError
 from gemmakit.loader import DTYPES, build_model, check_dtype, read_checkpoint
 from gemmakit.model import Transformer
@@ -25,11 +25,27 @@ class Gemma:
     """A loaded Gemma model: `.config`, `.tokenizer`, `.module` and text-level methods."""
 
     def __init__(self, module: Transformer, tokenizer: Tokenizer, source: Path | None = None,
-                 tensor_types: dict[str, str] | None = None) -> None:
+                 tensor_types: dict[str, str] | None = None, decoder: DecoderChoice | None = None) -> None:
         self.module = module
         self.tokenizer = tokenizer
         self.source = source
         self.tensor_types = tensor_types or {}
+        self._decoder = decoder
+
+    @property
+    def decoder_choice(self) -> DecoderChoice:
+        """Which step decoder generation uses, and why (`gemmakit.decoding.choice`): chosen at first use unless
+        `load()` (or `use_decoder`) chose."""
+        if self._decoder is None:
+            self._decoder = choose_decoder(self.module)
+        return self._decoder
+
+    @property
+    def decoder(self):
+        return self.decoder_choice.decoder
+
+    def use_decoder(self, choice: DecoderChoice) -> None:
+        self._decoder = choice
 
     @property
     def config(self) -> GemmaConfig:
@@ -76,21 +92,32 @@ class Gemma:
         return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
     # --- text generation ---------------------------------------------------------------------------------------
+    def _requests(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: bool,
+                  sampling: dict[str, Any]) -> tuple[Scheduler, list[Request]]:
+        """A one-off scheduler for these prompts (no prefix cache) and their requests. With a seed, prompt i
+        samples with seed + i, so each prompt's tokens are the same alone or in a list."""
+        stop_ids = self.tokenizer.stop_ids if stop else frozenset()
+        base = Sampling(**sampling)
+        requests = []
+        for i, prompt in enumerate(prompts):
+            row = base if base.seed is None else Sampling(**{**sampling, "seed": base.seed + i})
+            requests.append(Request(list(prompt), row, max_new_tokens, stop_ids))
+        longest = max((len(p) for p in prompts), default=1)
+        scheduler = Scheduler(self, slots=max(1, min(len(prompts), 16)), prefix_cache_bytes=0,
+                              context=min(longest + max_new_tokens, self.config.max_position))
+        return scheduler, requests
+
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128, stop: bool = True,
                      **sampling: Any) -> list[list[int]]:
-        """New token ids for each prompt (a batch, left-padded), stop token excluded."""
-        stop_ids = self.tokenizer.stop_ids if stop else frozenset()
-        outputs: list[list[int]] = [[] for _ in prompts]
-        finished = [False] * len(prompts)
-        for step in generate_tokens(self.module, prompts, max_new_tokens, Sampling(**sampling), stop_ids):
-            for row, token in enumerate(step.tolist()):
-                if finished[row]:
-                    continue
-                if token in stop_ids:
-                    finished[row] = True
-                else:
-                    outputs[row].append(token)
-        return outputs
+        """New token ids for each prompt, stop token excluded. The prompts run through the same continuous-
+        batching scheduler as a server's requests (each prompt gets its own row and positions), so a prompt's
+        tokens do not depend on the others."""
+        if not prompts:
+            return []
+        scheduler, requests = self._requests(prompts, max_new_tokens, stop, sampling)
+        handles = [scheduler.submit(r) for r in requests]
+        scheduler.run_until_done(handles)
+        return [h.tokens for h in handles]
 
     def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 128, **sampling: Any) -> str | list[str]:
         """Continue a prompt (or each of a list of prompts, batched). Sampling: temperature (0 = greedy), top_k,
@@ -103,14 +130,16 @@ class Gemma:
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 128, **sampling: Any) -> Iterator[str]:
         """Text pieces as tokens are produced, each complete UTF-8 (multi-byte characters are held back)."""
         decoder = self.tokenizer.decode_stream()
-        stop_ids = self.tokenizer.stop_ids
-        for step in generate_tokens(self.module, [prompt_ids], max_new_tokens, Sampling(**sampling), stop_ids):
-            token = int(step[0])
-            if token in stop_ids:
-                break
-            piece = decoder.feed(token)
-            if piece:
-                yield piece
+        scheduler, (request,) = self._requests([prompt_ids], max_new_tokens, True, sampling)
+        handle = scheduler.submit(request)
+        seen = 0
+        while not handle.done:
+            scheduler.step()
+            for token in handle.tokens[seen:]:
+                piece = decoder.feed(token)
+                if piece:
+                    yield piece
+            seen = len(handle.tokens)
         tail = decoder.flush()
         if tail:
             yield tail
@@ -144,21 +173,14 @@ def load(path_or_name: str | Path = "default", dtype: str | torch.dtype | None =
       on CPU with bf16 activations. The conversion is cached under `$GEMMAKIT_CACHE` (default
       ~/.cache/gemmakit) keyed by the file's fingerprint, so only the first load pays for it (`cache=False`
       converts in memory and writes nothing).
-    - Int8 models on CPU (the default GGUF path included) decode through gemmakit's native step
-      (`gemmakit.native_decode`: all layers in one C++ call, compiled on first use in a few seconds;
-      `GEMMAKIT_NATIVE=0` turns it off).
-    - `compile=True`: generation decodes through a torch.compile'd step (`gemmakit.compiled_decode`): less
-      per-token overhead, for a compilation the first time each batch size and cache bucket is decoded.
+    - The step decoder is chosen in one place, `gemmakit.decoding.choose_decoder` (`model.decoder_choice` says
+      which and why): int8 models on CPU (the default GGUF path included) decode through gemmakit's native
+      step (all layers in one C++ call, compiled on first use in a few seconds; `GEMMAKIT_NATIVE=0` turns it
+      off); `compile=True` decodes through torch.compile'd layers (less per-token overhead, for a compilation
+      the first time each batch size and cache bucket is decoded); anything else through the module's forward.
     """
     model = _load(path_or_name, dtype, device, force_fp16, quant, cache)
-    if compile:
-        from gemmakit import compiled_decode
-
-        compiled_decode.enable(model.module)
-    else:
-        from gemmakit import native_decode
-
-        native_decode.enable(model.module)  # int8 models on CPU only; the others keep the eager step
+    model.use_decoder(choose_decoder(model.module, compile=compile))
     return model
 
 

@@ -143,3 +143,52 @@ class KVCache:
         keys[:, :, slots] = k[:, :, -keep:].to(keys.dtype)
         values[:, :, slots] = v[:, :, -keep:].to(values.dtype)
         return attend_k, attend_v
+
+
+class SlotCache:
+    """A pool of cache rows for continuous batching: each row holds its own sequence at its own position.
+
+    Row r is also a one-row `KVCache` (`view(r)`) whose buffers are views into the pool, so prompts are
+    prefilled (in chunks) by the module's ordinary forward on that view, and any step decoder can advance it.
+    Each row has its own record of the times its sliding-window ring holds (`ring_times[r]`), and no padding:
+    a row's time is its position. `reset(r)` empties a row for the next request without touching the others.
+    """
+
+    def __init__(self, config: GemmaConfig, rows: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        if rows < 1:
+            raise InputError(f"a slot cache needs at least one row, got {rows}")
+        pool = KVCache(config, rows, capacity, dtype, device)
+        self.config, self.capacity, self.ring_size, self.batch_size = config, capacity, pool.ring_size, rows
+        self.keys, self.values = pool.keys, pool.values
+        self.ring_times = torch.full((rows, pool.ring_size), -1, dtype=torch.long, device=device)
+        self.pad = torch.zeros(rows, dtype=torch.long, device=device)
+        self._views = [self._row_view(r) for r in range(rows)]
+
+    def _row_view(self, row: int) -> KVCache:
+        view = object.__new__(KVCache)
+        view.config, view.capacity, view.ring_size, view.batch_size = self.config, self.capacity, self.ring_size, 1
+        view.keys = [k[row:row + 1] for k in self.keys]
+        view.values = [v[row:row + 1] for v in self.values]
+        view.ring_times = self.ring_times[row]
+        view.pad = self.pad[row:row + 1]
+        view.length = 0
+        return view
+
+    def view(self, row: int) -> KVCache:
+        """Row `row` as a one-row KVCache sharing this pool's buffers (its `length` is the row's position)."""
+        return self._views[row]
+
+    def length(self, row: int) -> int:
+        return self._views[row].length
+
+    def reset(self, row: int) -> None:
+        """Empty a row. Its old keys stay in the buffers but are never visible: attention only reads positions
+        below the row's length, and the ring's times are cleared."""
+        self._views[row].length = 0
+        self.ring_times[row].fill_(-1)
+
+    def nbytes_per_token(self) -> int:
+        """Bytes of keys and values one position takes in the global layers (what a prefix snapshot grows by)."""
+        return sum(2 * k[0, :, 0].numel() * k.element_size()
+                   for layer, k in enumerate(self.keys) if not self.config.is_sliding(layer))

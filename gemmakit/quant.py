@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmakit.decoding.sampling import top_indices
 from gemmakit.errors import InputError
 from gemmakit.ranker import Int3Ranker
 
@@ -141,23 +142,6 @@ def unpack_int4_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     byte = packed[rows // _PACK_BLOCK, :, rows % (_PACK_BLOCK // 2)]  # [R, K]
     high = (rows % _PACK_BLOCK >= _PACK_BLOCK // 2).view(-1, 1)
     return torch.where(high, byte >> 4, byte & 15)
-
-
-def top_indices(logits: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
-    """Indices [M, k] of the k largest values of each row of logits [M, N] (the set `topk` finds, ~4x faster).
-
-    The k largest values lie in the k blocks (of `block` columns) with the largest maxima: a block holding one
-    of them has a maximum at least as large, and at most k blocks can have a maximum that large. So a topk over
-    the N / block maxima and one over those k blocks' values replace a topk over all N.
-    """
-    m, n = logits.shape
-    if n % block or n // block < k:
-        return logits.topk(k, dim=-1).indices
-    blocks = logits.view(m, n // block, block)
-    best = blocks.amax(dim=-1).topk(k, dim=-1).indices  # [M, k]
-    values = blocks.gather(1, best.unsqueeze(-1).expand(-1, -1, block)).view(m, -1)  # [M, k * block]
-    pos = values.topk(k, dim=-1).indices
-    return best.gather(1, pos // block) * block + pos % block
 
 
 # --- modules -------------------------------------------------------------------------------------------------
@@ -275,16 +259,9 @@ class QuantEmbedding(nn.Module):
         self.ranker = ranker  # a 3-bit `Int3Ranker`: the native greedy step picks its candidates with it
         self.act_dtype = dtype
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
-        # decode-time matrix-vector products (fp32 [M, K] -> fp32 [M, N], or None to decline), attached by
-        # gemmakit.native_decode; called with coarse=True for the candidate-picking head
-        self.matvec: Callable[..., torch.Tensor | None] | None = None
 
-    def _decode_logits(self, lin: nn.Module, x: torch.Tensor, coarse: bool = False) -> torch.Tensor:
-        """fp32 logits [M, N] of `lin` for a few rows x [M, K]: the attached kernel when it takes them, else torch's."""
-        if self.matvec is not None and not torch.compiler.is_compiling():
-            out = self.matvec(lin, x, coarse=coarse)
-            if out is not None:
-                return out
+    def _decode_logits(self, lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [M, N] of `lin` for a few rows x [M, K] (the native decoder has its own head kernels)."""
         return lin(_flat(x, self.act_dtype)).float()
 
     @property
@@ -300,7 +277,7 @@ class QuantEmbedding(nn.Module):
         recomputed from the int8 table. The int4 pass reads 40% fewer bytes than int8; the argmax (greedy) and
         every likely token get int8 values, only the unlikely tail keeps int4 ones."""
         a = _flat(x, self.act_dtype)
-        logits = self._decode_logits(self.coarse, x.reshape(a.shape), coarse=True)
+        logits = self._decode_logits(self.coarse, x.reshape(a.shape))
         top = top_indices(logits, self.CANDIDATES)  # [M, C]
         rows = self.table.dequantized_rows(top.reshape(-1)).view(*top.shape, -1)  # [M, C, K]
         exact = torch.bmm(rows.float(), a.float().unsqueeze(-1)).squeeze(-1)

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from gemmakit.cache import KVCache
-from gemmakit.engine import left_pad
+from gemmakit.decoding.engine import left_pad
 from gemmakit.errors import InputError, TokenizerError
 from gemmakit.model import Transformer
 from gemmakit.safety.policies import Policy, get_policies

@@ -311,7 +311,7 @@ class GKDLoss(nn.Module):
         runs per decode step, so ranks may stop after different numbers of tokens and no gathered parameter is
         created under `inference_mode`. The cost is holding the whole student on each device meanwhile.
         """
-        from gemmakit.engine import Sampling, generate_tokens
+        from gemmakit.decoding import Sampling, generate_tokens
 
         blocks = _sharded_modules(self.model)
         for block in blocks:

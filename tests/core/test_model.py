@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gemmakit.cache import KVCache
-from gemmakit.engine import Sampling, generate_tokens
+from gemmakit.decoding import Sampling, generate_tokens
 from gemmakit.loader import build_model
 from gemmakit.weights import hf
 from support.tiny_models import VOCAB, WINDOW, save_hf_model
@@ -96,7 +96,7 @@ def test_seeded_sampling_is_reproducible_and_respects_top_k(pair):
 
 
 def test_argmax_rows_is_torch_argmax_including_ties():
-    from gemmakit.engine import argmax_rows
+    from gemmakit.decoding.sampling import argmax_rows
 
     gen = torch.Generator().manual_seed(4)
     logits = torch.randn(4, 64 * 50, generator=gen)

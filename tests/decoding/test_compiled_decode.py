@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemmakit import compiled_decode
 from gemmakit.cache import KVCache
-from gemmakit.engine import generate_tokens
+from gemmakit.decoding import choose_decoder, generate_tokens
+from gemmakit.decoding.compiled import CompiledDecoder
 from gemmakit.loader import build_model
 from gemmakit.quant import quantize_model
 from gemmakit.weights import hf
@@ -29,7 +29,7 @@ def tiny(family: str, directory) -> torch.nn.Module:
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_compiled_step_equals_eager_forward_fp32(family, tmp_path):
     model = tiny(family, tmp_path)
-    decoder = compiled_decode.CompiledDecoder(model)
+    decoder = CompiledDecoder(model)
     ids = torch.randint(3, VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(0))
     ids[0, :3] = model.config.pad_id
     caches = [KVCache(model.config, 2, PROMPT + STEPS, torch.float32) for _ in range(2)]
@@ -55,15 +55,16 @@ def test_generate_with_compiled_decoding_keeps_the_greedy_tokens(tmp_path):
     model = quantize_model(tiny("gemma3", tmp_path), "int8")
     prompts = [[2, 17, 99, 5], [2, 8, 300, 41, 77, 12, 250]]
     eager = torch.stack(list(generate_tokens(model, prompts, STEPS)))
-    compiled_decode.enable(model)
-    compiled = torch.stack(list(generate_tokens(model, prompts, STEPS)))
+    decoder = choose_decoder(model, compile=True).decoder
+    assert isinstance(decoder, CompiledDecoder)
+    compiled = torch.stack(list(generate_tokens(model, prompts, STEPS, decoder=decoder)))
     assert (eager == compiled).float().mean().item() >= 0.95
 
 
 def test_hooks_send_compiled_decoding_back_to_the_eager_path(tmp_path):
     """The graph would not see hooks added after it was compiled; global hooks count too."""
     model = tiny("gemma3", tmp_path)
-    decoder = compiled_decode.CompiledDecoder(model)  # nothing is compiled until a step runs
+    decoder = CompiledDecoder(model)  # nothing is compiled until a step runs
     cache = KVCache(model.config, 1, 8, torch.float32)
     assert decoder.usable(cache)
     handle = model.model.layers[0].self_attn.attn_out.register_forward_hook(lambda *a: None)

@@ -13,9 +13,10 @@ import ctypes
 import pytest
 import torch
 
-from gemmakit import native_decode
 from gemmakit.cache import KVCache
-from gemmakit.engine import generate_tokens
+from gemmakit.decoding import choose_decoder, generate_tokens, native
+from gemmakit.decoding.native import kernels
+from gemmakit.decoding.native.decoder import _head
 from gemmakit.loader import build_model
 from gemmakit.quant import Int4Linear, Int8Linear, quantize_model
 from gemmakit.ranker import Int3Ranker
@@ -25,7 +26,14 @@ from support.tiny_models import VOCAB, WINDOW, save_hf_model
 PROMPT = 12
 STEPS = 3 * WINDOW  # the ring wraps several times
 
-pytestmark = pytest.mark.skipif(native_decode.library() is None, reason="no C++ compiler to build the native step")
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C++ compiler to build the native step")
+
+
+def native_decoder(model: torch.nn.Module) -> native.NativeDecoder:
+    """The decoder `choose_decoder` picks for an int8 model: the native one."""
+    decoder = choose_decoder(model).decoder
+    assert isinstance(decoder, native.NativeDecoder)
+    return decoder
 
 
 def tiny(family: str, directory) -> torch.nn.Module:
@@ -51,8 +59,8 @@ def test_native_step_equals_fp32_dequantized_model(family, prompt, pad, tmp_path
     model = quantize_model(tiny(family, tmp_path), "int8")
     reference = dequantized_reference(model, build_model(hf.read_config(tmp_path), hf.read_state_dict(tmp_path),
                                                          torch.float32, tmp_path).eval())
-    assert native_decode.supports(model)
-    decoder = native_decode.NativeDecoder(model, native_decode.library())
+    assert native.supports(model)
+    decoder = native.NativeDecoder(model, native.library())
     config = model.config
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, VOCAB, (2, prompt), generator=gen)
@@ -86,13 +94,13 @@ def test_generation_uses_native_step_and_keeps_greedy_tokens(tmp_path):
     model = quantize_model(tiny("gemma3", tmp_path), "int8")
     prompts = [[2, 17, 99, 5], [2, 8, 300, 41, 77, 12, 250]]
     eager = torch.stack(list(generate_tokens(model, prompts, STEPS)))
-    assert native_decode.enable(model)
+    decoder = native_decoder(model)
     calls = []
-    step = model.native_decoder.step
-    model.native_decoder.step = lambda *a: calls.append(1) or step(*a)
-    native = torch.stack(list(generate_tokens(model, prompts, STEPS)))
+    step = decoder.greedy_step
+    decoder.greedy_step = lambda *a: calls.append(1) or step(*a)
+    fast = torch.stack(list(generate_tokens(model, prompts, STEPS, decoder=decoder)))
     assert len(calls) == STEPS - 1
-    assert (eager == native).float().mean().item() >= 0.95
+    assert (eager == fast).float().mean().item() >= 0.95
 
 
 def wide_vocab(family: str, directory, vocab: int = 8192) -> torch.nn.Module:
@@ -107,7 +115,7 @@ def wide_vocab(family: str, directory, vocab: int = 8192) -> torch.nn.Module:
     return build_model(config, weights, torch.float32, directory).eval()
 
 
-@pytest.mark.skipif(not native_decode.library().gk_has_int4_matvec(), reason="the native head needs AVX512-VNNI")
+@pytest.mark.skipif(not native.library().gk_has_int4_matvec(), reason="the native head needs AVX512-VNNI")
 def test_fused_greedy_step_chooses_what_step_and_argmax_choose(tmp_path):
     """Greedy generation takes the one-call path (layers, candidates from the 3-bit ranker, the best of them by
     exact int8 logit; the prompt's token from the same head) and yields exactly the tokens of the separate
@@ -116,18 +124,18 @@ def test_fused_greedy_step_chooses_what_step_and_argmax_choose(tmp_path):
     the fused path, so capping stays in one place."""
     model = quantize_model(wide_vocab("gemma3", tmp_path), "int8-rescore")
     assert isinstance(model.model.embed_tokens.ranker, Int3Ranker)
-    assert native_decode.enable(model)
-    decoder = model.native_decoder
+    decoder = native_decoder(model)
     prompts = [[2, 17, 99, 5], [2, 8, 300, 41, 77, 12, 250]]
     fused_calls = []
-    greedy_step = decoder.greedy_step
-    decoder.greedy_step = lambda *a: fused_calls.append(1) or greedy_step(*a)
-    greedy_choice = decoder.greedy_choice
-    decoder.greedy_choice = lambda *a: fused_calls.append(0) or greedy_choice(*a)  # the prompt's token
-    fused = torch.stack(list(generate_tokens(model, prompts, STEPS)))
-    assert sorted(fused_calls) == [0] + [1] * (STEPS - 1)
-    decoder.greedy_step = decoder.greedy_choice = lambda *a: None  # what generation does without them
-    separate = torch.stack(list(generate_tokens(model, prompts, STEPS)))
+    fused_step = decoder._fused
+    decoder._fused = lambda *a: fused_calls.append(1) or fused_step(*a)  # gk_greedy_step: one call a token
+    fused = torch.stack(list(generate_tokens(model, prompts, STEPS, decoder=decoder)))
+    assert len(fused_calls) == STEPS - 1
+    separate_decoder = native_decoder(model)
+    separate_decoder.greedy_step = lambda ids, cache: separate_decoder.argmax(  # layers, int4 head, argmax
+        separate_decoder.step(ids, cache))
+    separate_decoder.greedy = lambda h: separate_decoder.argmax(separate_decoder.logits(h))
+    separate = torch.stack(list(generate_tokens(model, prompts, STEPS, decoder=separate_decoder)))
     assert torch.equal(fused, separate)
     assert len(set(fused.flatten().tolist())) > 5  # a real sequence, not one token repeated
 
@@ -141,32 +149,32 @@ def test_fused_greedy_step_chooses_what_step_and_argmax_choose(tmp_path):
             == int4_bytes - emb.ranker.planes.numel())
 
     capped = quantize_model(wide_vocab("gemma2", tmp_path / "g2"), "int8-rescore")
-    assert native_decode.enable(capped)
-    assert not capped.native_decoder.greedy_reads_ranker
+    capped_decoder = native_decoder(capped)
+    assert not capped_decoder.greedy_reads_ranker  # the soft-cap keeps greedy on capped full logits
     cache = KVCache(capped.config, 1, 16, capped.dtype)
-    assert capped.native_decoder.greedy_step(torch.tensor([2]), cache) is None
-    assert cache.length == 0
+    capped_decoder.prefill(torch.tensor([[2, 5]]), cache)
+    h = capped_decoder.advance(torch.tensor([7]), cache)
+    assert torch.equal(capped_decoder.greedy(h), capped_decoder.logits(h).argmax(-1))
 
 
 def test_models_it_cannot_run_are_left_alone(tmp_path):
     fp32 = tiny("gemma3", tmp_path)
-    assert not native_decode.supports(fp32)
-    assert not native_decode.enable(fp32)
-    assert not native_decode.supports(quantize_model(fp32, "int4"))
+    assert not native.supports(fp32)
+    assert choose_decoder(fp32).name == "eager"
+    assert not native.supports(quantize_model(fp32, "int4"))
 
 
 def test_native_int8_head_equals_dequantized_product():
     gen = torch.Generator().manual_seed(1)
     lin = Int8Linear.from_weight(torch.randn(320, 96, generator=gen), torch.bfloat16)
     x = torch.randn(3, 96, generator=gen)
-    head = native_decode.NativeHead(native_decode.library())
     expected = x.double() @ (lin.weight_int8.double() * lin.scales.double()[:, None]).t()
-    got = head(lin, x)
-    assert got is not None and got.shape == (3, 320)
+    got = kernels.int8_matvec(lin, x)
+    assert got.shape == (3, 320)
     assert (got.double() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
 
 
-@pytest.mark.skipif(not native_decode.library().gk_has_int4_matvec(), reason="the int4 head needs AVX512-VNNI")
+@pytest.mark.skipif(not native.library().gk_has_int4_matvec(), reason="the int4 head needs AVX512-VNNI")
 @pytest.mark.parametrize("group", [32, 64])
 def test_native_int4_head_error_is_bounded_by_activation_rounding(group):
     """The int4 kernel rounds activations to int8 with one scale per group of inputs: each logit may move by
@@ -177,31 +185,27 @@ def test_native_int4_head_error_is_bounded_by_activation_rounding(group):
     lin = Int4Linear.from_weight(torch.randn(256, 128, generator=gen), group, torch.bfloat16)
     x = torch.randn(2, 128, generator=gen)
     x[0, 3] = 40.0  # an outlier, as Gemma's normed residuals have
-    head = native_decode.NativeHead(native_decode.library())
     w = lin.dequantized_rows(torch.arange(256)).double()  # [N, K], what the packed codes mean
     expected = x.double() @ w.t()
-    got = head(lin, x, coarse=True)
-    assert got is not None
+    got = kernels.int4_matvec(lin, x)
     # per group of inputs: half an int8 step of that group's activations times the group's summed |weights|
     groups = x.double().view(2, -1, group)  # [M, G, g]
     step = groups.abs().amax(dim=-1) / 127  # [M, G]
     weight_mass = w.abs().view(256, -1, group).sum(dim=-1)  # [N, G]
     bound = 0.5 * step @ weight_mass.t() + 1e-4  # [M, N]
     assert ((got.double() - expected).abs() <= bound).all()
-    assert head(lin, x, coarse=False) is None  # a head that is not only ranking keeps torch's kernel
 
 
 def test_hooks_send_decoding_back_to_the_eager_path(tmp_path):
     """Scope's capture and steering hook modules; the native step would silently skip them."""
     model = quantize_model(tiny("gemma3", tmp_path), "int8")
-    assert native_decode.enable(model)
-    decoder = model.native_decoder
+    decoder = native_decoder(model)
     cache = KVCache(model.config, 1, 8, model.dtype)
     assert decoder.usable(cache)
     calls = []
     handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: calls.append(1))
     assert not decoder.usable(cache)
-    list(generate_tokens(model, [[2, 17, 99]], 4))
+    list(generate_tokens(model, [[2, 17, 99]], 4, decoder=decoder))
     assert len(calls) == 4  # prefill and three eager decode steps all ran the hooked module
     handle.remove()
     assert decoder.usable(cache)
@@ -223,7 +227,7 @@ def ranker_logits(ranker: Int3Ranker, x: torch.Tensor) -> torch.Tensor:
     return (scale.double() * dots * x_scale[:, None, :] + minimum.double() * groups.sum(-1)[:, None, :]).sum(-1)
 
 
-@pytest.mark.skipif(not native_decode.library().gk_has_int4_matvec(), reason="the native head needs AVX512-VNNI")
+@pytest.mark.skipif(not native.library().gk_has_int4_matvec(), reason="the native head needs AVX512-VNNI")
 @pytest.mark.parametrize("ranked", [False, True])
 def test_rescored_head_recomputes_the_coarse_top_candidates_exactly(ranked):
     """int8-rescore's decode head in one native call: the coarse logits (int4 head, or the 3-bit ranker greedy
@@ -243,9 +247,9 @@ def test_rescored_head_recomputes_the_coarse_top_candidates_exactly(ranked):
     norm = RMSNorm(dim, eps=0.0)
     norm.weight.data = torch.randn(dim, generator=gen) * 0.5
     h = torch.randint(0, 2, (3, 1, dim), generator=gen).float() * 2 - 1
-    lib = native_decode.library()
+    lib = native.library()
     keep: list[torch.Tensor] = []
-    head = native_decode._head(lib, emb, norm, emb.table.scales.float(), keep)  # what a decoder binds
+    head = _head(lib, emb, norm, emb.table.scales.float(), keep)  # what a decoder binds
     assert head is not None and head.ranker
     logits, best = torch.empty(3, vocab), torch.empty(3, dtype=torch.long)
     assert lib.gk_rescored_head(h.reshape(3, dim).contiguous().data_ptr(), 3, ctypes.byref(head), logits.data_ptr(),
@@ -254,7 +258,7 @@ def test_rescored_head_recomputes_the_coarse_top_candidates_exactly(ranked):
     if ranked:
         coarse = ranker_logits(emb.ranker, x)
     else:
-        coarse = native_decode.NativeHead(lib)(emb.coarse, x, coarse=True).double()
+        coarse = kernels.int4_matvec(emb.coarse, x).double()
     exact = x.double() @ (emb.table.weight_int8.double() * emb.table.scales.double()[:, None]).t()
     top = coarse.topk(emb.CANDIDATES, dim=-1).indices
     for row in range(3):
@@ -286,7 +290,7 @@ def test_ranker_layout_round_trips_and_bounds_its_error():
 
 def test_native_embedding_is_the_fp32_dequantized_row_times_sqrt_d(tmp_path):
     model = quantize_model(tiny("gemma3", tmp_path), "int8")
-    decoder = native_decode.NativeDecoder(model, native_decode.library())
+    decoder = native.NativeDecoder(model, native.library())
     table = model.model.embed_tokens.table
     ids = torch.tensor([[7], [300]])
     caches = [KVCache(model.config, 2, 4, torch.float32) for _ in range(2)]
@@ -299,7 +303,7 @@ def test_native_embedding_is_the_fp32_dequantized_row_times_sqrt_d(tmp_path):
 
 
 def test_native_argmax_is_torch_argmax():
-    decoder = native_decode.NativeDecoder(torch.nn.Module(), native_decode.library())
+    decoder = native.NativeDecoder(torch.nn.Module(), native.library())
     gen = torch.Generator().manual_seed(6)
     logits = torch.randn(5, 1003, generator=gen)  # not a multiple of the vector width
     logits[1, [17, 500, 1001]] = 9.0  # ties: the first wins

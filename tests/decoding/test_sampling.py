@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from gemmakit.engine import NUCLEUS_SEARCH, _nucleus, draw
+from gemmakit.decoding.sampling import NUCLEUS_SEARCH, _nucleus, draw
 
 
 def test_draw_follows_the_distribution_and_never_draws_a_zero():

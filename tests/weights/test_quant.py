@@ -28,6 +28,7 @@ from torch import nn
 import gemmakit
 from gemmakit import quant
 from gemmakit.cli import main as cli_main
+from gemmakit.decoding.sampling import top_indices
 from gemmakit.errors import InputError
 from gemmakit.weights import converted
 from support.tiny_models import save_hf_model, save_tiny_tokenizer
@@ -203,11 +204,9 @@ def test_real_270m_default_load_is_int8_rescore_and_close_to_fp32(real, monkeypa
             assert torch.allclose(decode[0, top[0]], exact[0, top[0]], atol=0.25)
     assert "France" in fast.generate("The capital of France is", max_new_tokens=8)
     # greedy decoding's 3-bit ranker proposes the exact int8 argmax among its candidates at every position
-    decoder = getattr(fast.module, "native_decoder", None)
-    if decoder is not None and emb.ranker is not None:
-        from gemmakit.cache import KVCache
-
-        head = decoder._binding(KVCache(fast.module.config, 1, 8, fast.module.dtype)).head
+    decoder = fast.decoder
+    if decoder.name == "native" and emb.ranker is not None:
+        head = decoder._head_binding().head
         with torch.inference_mode():
             h = fast.module.hidden_states(torch.tensor([ids]))[0].float().contiguous()
             x = fast.module.model.norm(h).double()
@@ -229,5 +228,5 @@ def test_top_indices_finds_the_same_set_as_topk():
     spread[::64] = torch.arange(1, 65).float()  # one winner per block
     logits = torch.stack(rows + [packed, spread])
     for k in (1, 8, 64):
-        got = quant.top_indices(logits, k).sort(dim=-1).values
+        got = top_indices(logits, k).sort(dim=-1).values
         assert torch.equal(got, logits.topk(k, dim=-1).indices.sort(dim=-1).values)

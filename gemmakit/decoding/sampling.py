@@ -1,22 +1,37 @@
-"""Generation: prefill once, then decode one token at a time against the static KV cache.
+"""Choosing the next token from logits: greedy argmax, temperature, top-k, top-p (nucleus), min-p, and the draw.
 
-The engine only sees token ids; text, chat templates and detokenisation live with the tokenizer. Batches are
-left-padded so that every row's next token sits in the same column; each row's pad count shifts its rope
-positions and hides its padding from attention.
+Everything here works on [B, V] rows and never looks at the model, so every step decoder and the scheduler
+share one implementation. On a CPU the whole-vocabulary passes dominate (262,144 logits a row for Gemma 3), so
+each pass is chosen for it: block maxima instead of topk or a full sort, a two-level inverse-CDF draw instead
+of torch.multinomial.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from gemmakit.cache import KVCache
-from gemmakit.compiled_decode import capacity_for
 from gemmakit.errors import InputError
-from gemmakit.model import Transformer
-from gemmakit.quant import top_indices
+
+
+def top_indices(logits: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
+    """Indices [M, k] of the k largest values of each row of logits [M, N] (the set `topk` finds, ~4x faster).
+
+    The k largest values lie in the k blocks (of `block` columns) with the largest maxima: a block holding one
+    of them has a maximum at least as large, and at most k blocks can have a maximum that large. So a topk over
+    the N / block maxima and one over those k blocks' values replace a topk over all N.
+    """
+    m, n = logits.shape
+    if n % block or n // block < k:
+        return logits.topk(k, dim=-1).indices
+    blocks = logits.view(m, n // block, block)
+    best = blocks.amax(dim=-1).topk(k, dim=-1).indices  # [M, k]
+    values = blocks.gather(1, best.unsqueeze(-1).expand(-1, -1, block)).view(m, -1)  # [M, k * block]
+    pos = values.topk(k, dim=-1).indices
+    return best.gather(1, pos // block) * block + pos % block
+
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,9 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+GREEDY = Sampling()
 
 
 def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -128,88 +146,3 @@ def choose(logits: torch.Tensor, sampling: Sampling,
     if sampling.greedy:
         return argmax(logits)
     return draw(torch.softmax(filter_logits(logits, sampling), dim=-1), generator)
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [B, T] with each prompt right-aligned, and each row's pad count [B]."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise InputError("every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-    pad = torch.tensor([width - len(p) for p in prompts], dtype=torch.long)
-    return ids, pad
-
-
-def generate_tokens(
-    model: Transformer,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    sampling: Sampling = Sampling(),
-    stop_ids: frozenset[int] = frozenset(),
-    max_context: int | None = None,
-    row_seeds: Sequence[int] | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row [B] per step, until all rows stopped or `max_new_tokens`.
-
-    A row that produced a stop id keeps being fed (its later tokens are ignored by the caller) so the batch
-    keeps static shapes; the stop token itself is yielded so the caller can see why the row ended.
-    `row_seeds` (one per prompt, instead of `sampling.seed`) make each row's samples independent of the batch it
-    is in, e.g. so data-parallel ranks sample what one process sampling the whole batch would.
-    """
-    if max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    limit = model.config.max_position if max_context is None else min(max_context, model.config.max_position)
-    ids, pad = left_pad(prompts, model.config.pad_id)
-    if ids.shape[1] > limit:
-        raise InputError(f"prompt has {ids.shape[1]} tokens but the model's context is {limit}; shorten the prompt")
-    capacity = capacity_for(model, ids.shape[1] + max_new_tokens, limit)
-    if max_new_tokens == 0:
-        return
-    device = model.device
-    cache = KVCache(model.config, ids.shape[0], capacity, model.dtype, device)
-    cache.pad.copy_(pad)
-    generator: torch.Generator | list[torch.Generator] | None = None
-    if row_seeds is not None:
-        if len(row_seeds) != len(prompts):
-            raise InputError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
-        generator = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
-    elif sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    done = [False] * ids.shape[0]
-    # a step decoder (torch.compile'd if asked for, else the native int8 step) when it can take this cache
-    decoder = getattr(model, "compiled_decoder", None) or getattr(model, "native_decoder", None)
-    greedy = getattr(decoder, "argmax", argmax_rows)
-
-    def next_token(token: torch.Tensor) -> torch.Tensor:
-        if decoder is not None and decoder.usable(cache):
-            if sampling.greedy and hasattr(decoder, "greedy_step"):
-                chosen = decoder.greedy_step(token, cache)  # layers, head and argmax in one native call
-                if chosen is not None:
-                    return chosen
-            logits = decoder.step(token.view(-1, 1), cache)
-        else:
-            logits = model(token.view(-1, 1), cache=cache, last_only=True)[:, -1]
-        return choose(logits, sampling, generator, greedy)
-
-    def first_token() -> torch.Tensor:
-        if sampling.greedy and hasattr(decoder, "greedy_choice") and decoder.usable(cache):
-            h = model.hidden_states(ids.to(device), cache)[:, -1]
-            chosen = decoder.greedy_choice(h, cache)  # the head greedy_step uses
-            if chosen is not None:
-                return chosen
-            logits = model.unembed(h[:, None])[:, -1]
-        else:
-            logits = model(ids.to(device), cache=cache, last_only=True)[:, -1]
-        return choose(logits, sampling, generator, greedy)
-
-    with torch.inference_mode():
-        token = first_token()
-        for step in range(max_new_tokens):
-            yield token
-            # plain Python on the [B] ids: a few torch ops here cost more than the choice itself
-            done = [d or t in stop_ids for d, t in zip(done, token.tolist(), strict=True)]
-            if all(done) or step == max_new_tokens - 1 or cache.length >= capacity:
-                return
-            token = next_token(token)

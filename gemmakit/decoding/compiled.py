@@ -5,7 +5,8 @@ microseconds of dispatch, about as much as reading all of the 270M's weights. to
 C++ wrapper) fuses the elementwise work and calls the matmul kernels from generated C++, so that overhead
 nearly vanishes. The price is compiling: a minute or two the first time on two cores, ~15 s in later processes
 (inductor's on-disk cache), once per batch size and cache capacity bucket. So it is opt-in:
-`gemmakit.load(..., compile=True)` or `enable(model)`.
+`gemmakit.load(..., compile=True)`. The graph covers the layers; the LM head runs eagerly after it (one
+quantised matmul), so the compiled and eager decoders share the head and its greedy choice.
 
 Static shapes: each layer attends over its whole cache buffer (the ring for sliding layers, the full capacity
 for global ones) with a mask built from the step's position, and writes its k/v with `index_copy_` at a slot
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from gemmakit.cache import KVCache
-from gemmakit.model import HookWatch, LayerInputs, Transformer
+from gemmakit.decoding.protocol import StepDecoder
+from gemmakit.model import LayerInputs, Transformer
 
 CAPACITY_BUCKET = 256  # caches are sized in multiples of this, so new lengths rarely mean a new compilation
 
@@ -62,48 +64,42 @@ def _layer_inputs(model: Transformer, cache: KVCache, time: torch.Tensor, slidin
 
 
 def _step(model: Transformer, ids: torch.Tensor, time: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Last-position logits [B, V] for ids [B, 1] at `time`, writing their k/v into `cache`'s buffers."""
+    """The residual [B, d] after the last layer for ids [B, 1] at `time`, writing their k/v into `cache`."""
     kinds = {sliding: _layer_inputs(model, cache, time, sliding) for sliding in (False, True)}
     slots = _Slots(time, time % cache.ring_size)
     static = _StaticCache(cache)
     h = model.embed(ids)
     for layer in model.model.layers:
         h = layer(h, kinds[layer.sliding], static, slots)
-    return model.unembed(h)[:, -1]
+    return h[:, -1]
 
 
-class CompiledDecoder:
-    """Runs decode steps of `model` through one compiled graph per (batch size, capacity)."""
+class CompiledDecoder(StepDecoder):
+    """Decode steps of `model` through one compiled graph per (batch size, capacity)."""
+
+    name = "compiled"
 
     def __init__(self, model: Transformer) -> None:
-        self.model = model
-        self._hooks = HookWatch(model)
+        super().__init__(model)
         self._compiled = torch.compile(_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
-    def usable(self, cache: KVCache) -> bool:
+    def usable(self, cache) -> bool:
         """Hooks (scope's capture and steering) need the eager path: the graph would not see hooks added later."""
-        return not self._hooks.any() and cache.length < cache.capacity
+        return not self._hooks.any()
 
-    def step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [B, V] for one new token per row; advances `cache` exactly as an eager forward would."""
+    def advance(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         for sliding in (False, True):  # grow the rope tables outside the graph, never inside it
             self.model.rope_table(sliding, cache.capacity)
         now = cache.length
         time = torch.tensor([now], device=cache.pad.device)
-        logits = self._compiled(self.model, ids, time, cache)
+        h = self._compiled(self.model, ids.view(-1, 1), time, cache)
         cache.ring_times[now % cache.ring_size] = now
         cache.length = now + 1
-        return logits
+        return h
 
 
-def enable(model: Transformer) -> Transformer:
-    """Make `generate_tokens` (and everything built on it) decode `model` through a compiled step."""
-    model.compiled_decoder = CompiledDecoder(model)
-    return model
-
-
-def capacity_for(model: Transformer, needed: int, limit: int) -> int:
+def capacity_for(decoder: StepDecoder, needed: int, limit: int) -> int:
     """The cache capacity to allocate: rounded up to a bucket when decoding is compiled (fewer graphs)."""
-    if getattr(model, "compiled_decoder", None) is None:
+    if not isinstance(decoder, CompiledDecoder):
         return needed
     return min(limit, -(-needed // CAPACITY_BUCKET) * CAPACITY_BUCKET)

@@ -1,0 +1,206 @@
+// One decode step of a Gemma model with int8 weight-only linears, all layers in one OpenMP region.
+//
+// Why this exists: decoding one token of a small Gemma through torch runs ~1,500 small ops, and their
+// dispatch costs about as much as reading every weight. Here each layer is a handful of loops over raw
+// pointers: int8 x fp32 dot products (weights read once, at memory speed), norms, rope, attention over the
+// KV cache and GeGLU, with threads meeting at barriers instead of being forked and joined per op.
+// The step embeds token ids itself (or takes the caller's embeddings). The LM heads are in head.cpp.
+#include "common.h"
+
+namespace gk {
+namespace {
+// --- attention ------------------------------------------------------------------------------------------------
+// May cache row `row` at time `now` see the key held at `time`? (the cache's causal and padding rules; the window
+// needs no test: a sliding layer's ring has at most `window` slots, so it only ever holds the last `window` times)
+inline bool visible(const GkModel& m, int64_t row, int64_t time, int64_t now) {
+  if (time < 0 || time > now) return false;
+  return time >= m.pad[row] || time == now;
+}
+
+// Flash-decoding: the keys are cut into chunks attended in parallel, each giving per query head its largest
+// score, the sum of exp(score - largest) and the unnormalised output; `merge_chunks` combines them exactly.
+// A chunk serves all query heads that share its kv head, so each key and value is read once per chunk.
+// part: [groups, 2 + head_dim] (largest score, sum, output) for the rows' query heads q [groups, head_dim].
+void attend_chunk(const GkModel& m, const GkLayer& layer, int64_t row, int64_t kv, int64_t now, int64_t lo,
+                  int64_t hi, const float* q, float* part, std::vector<float>& scores, std::vector<int64_t>& slots) {
+  const int64_t d = m.head_dim, groups = m.heads / m.kv_heads;
+  const float* keys = layer.keys + (row * m.kv_heads + kv) * layer.slots * d;
+  const float* values = layer.values + (row * m.kv_heads + kv) * layer.slots * d;
+  const int64_t* ring_times = m.ring_times + row * m.ring_stride;
+  slots.clear();
+  for (int64_t s = lo; s < hi; ++s)
+    if (visible(m, row, layer.sliding ? ring_times[s] : s, now)) slots.push_back(s);
+  const int64_t n = static_cast<int64_t>(slots.size());
+  scores.resize(groups * n);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < groups; ++j) {
+      float score = dot(q + j * d, keys + slots[i] * d, d) * m.scale;
+      if (m.attn_softcap > 0) score = std::tanh(score / m.attn_softcap) * m.attn_softcap;
+      scores[j * n + i] = score;
+    }
+  for (int64_t j = 0; j < groups; ++j) {
+    float* row = scores.data() + j * n;
+    float largest = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) largest = row[i] > largest ? row[i] : largest;
+    part[j * (d + 2)] = largest;
+    part[j * (d + 2) + 1] = exp_shifted(row, n, largest);  // 0 for an empty chunk
+    std::memset(part + j * (d + 2) + 2, 0, sizeof(float) * d);
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < groups; ++j) axpy(scores[j * n + i], values + slots[i] * d, part + j * (d + 2) + 2, d);
+}
+
+// softmax(scores) @ values for query head j from the chunks' partial results [chunks, groups, 2 + head_dim].
+// A chunk with no visible key has largest -inf, sum 0 and output 0, so its weight exp(-inf) is 0.
+void merge_chunks(const float* parts, int64_t chunks, int64_t groups, int64_t j, int64_t d, float* out) {
+  float largest = -INFINITY;
+  for (int64_t c = 0; c < chunks; ++c) largest = std::max(largest, parts[(c * groups + j) * (d + 2)]);
+  float total = 0.0f;
+  std::memset(out, 0, sizeof(float) * d);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* part = parts + (c * groups + j) * (d + 2);
+    const float weight = std::exp(part[0] - largest);
+    total += weight * part[1];
+    axpy(weight, part + 2, out, d);
+  }
+  for (int64_t i = 0; i < d; ++i) out[i] /= total;  // every query sees at least itself: total > 0
+}
+
+// The slots a query at time `now` attends over: the ring's used slots, or every time up to now.
+inline int64_t key_count(const GkLayer& L, int64_t now) {
+  return L.sliding ? (now + 1 < L.slots ? now + 1 : L.slots) : now + 1;
+}
+
+// How many chunks `used` keys are attended in: at least 32 keys a chunk, at most `max_chunks`.
+inline int64_t key_chunks(int64_t used, int64_t max_chunks) {
+  return std::max<int64_t>(1, std::min<int64_t>(max_chunks, used / 32));
+}
+
+// x * cos + roll(x, d/2) * signed_sin, in place, for one head
+void rope(float* x, const float* cos, const float* sin, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    float lo = x[i], hi = x[i + half];
+    x[i] = lo * cos[i] + hi * sin[i];
+    x[i + half] = hi * cos[i + half] + lo * sin[i + half];
+  }
+}
+
+}  // namespace
+}  // namespace gk
+
+using namespace gk;
+
+extern "C" {
+
+// Advance the n rows of `h` ([n, hidden] fp32, updated in place) through all layers: entry b is cache row
+// rows[b] at time times[b] (each row may have its own timeline), writing this step's keys and values into the
+// cache and each row's time into its ring record. With `ids` ([n] token ids), h is first filled with their
+// embeddings, E[id] * sqrt(hidden) in fp32. Every row is computed alone (its attention chunks depend only on its
+// own time), so a row's result does not depend on which other rows share the step.
+int gk_decode_step(const GkModel* model, float* h, const int64_t* ids, const int64_t* rows, const int64_t* times,
+                   int64_t n, int threads) {
+  const GkModel& m = *model;
+  for (int64_t b = 0; b < n; ++b) {
+    if (rows[b] < 0 || rows[b] >= m.batch || times[b] < 0) return -2;
+    m.ring_times[rows[b] * m.ring_stride + times[b] % m.ring] = times[b];
+  }
+  if (ids != nullptr) {
+    if (m.embed_table == nullptr) return -1;
+    for (int64_t b = 0; b < n; ++b) {
+      const int8_t* row = m.embed_table + ids[b] * m.hidden;
+      const float scale = m.embed_scales[ids[b]] * m.normaliser;
+      for (int64_t i = 0; i < m.hidden; ++i) h[b * m.hidden + i] = static_cast<float>(row[i]) * scale;
+    }
+  }
+  const int64_t B = n, D = m.hidden, hd = m.head_dim, I = m.intermediate;
+  const int64_t qd = m.heads * hd, kvd = m.kv_heads * hd;
+  std::vector<float> xn(B * D), q(B * qd), k(B * kvd), v(B * kvd), att(B * qd), o(B * D);
+  std::vector<float> gate(B * I), up(B * I), act(B * I), down(B * D);
+  const int64_t groups = m.heads / m.kv_heads, max_chunks = 2 * threads;
+  std::vector<float> parts(B * m.kv_heads * max_chunks * groups * (hd + 2));
+  std::vector<int64_t> pos(B);
+  for (int64_t b = 0; b < B; ++b) pos[b] = times[b] - m.pad[rows[b]] > 0 ? times[b] - m.pad[rows[b]] : 0;
+
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scores;
+    std::vector<int64_t> slots;
+    for (int64_t l = 0; l < m.num_layers; ++l) {
+      const GkLayer& L = m.layers[l];
+      const float* cos = L.sliding ? m.cos_local : m.cos_global;
+      const float* sin = L.sliding ? m.sin_local : m.sin_global;
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) rms_norm(h + b * D, L.input_norm, m.eps, xn.data() + b * D, D);
+
+      const MatVec qkv[3] = {{L.wq, L.sq, qd, D, xn.data(), q.data()},
+                             {L.wk, L.sk, kvd, D, xn.data(), k.data()},
+                             {L.wv, L.sv, kvd, D, xn.data(), v.data()}};
+      matvecs(qkv, 3, B);
+
+      // q/k norms and rope per head; k and v go into the cache
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < B * (m.heads + m.kv_heads); ++t) {
+        const int64_t b = t / (m.heads + m.kv_heads), head = t % (m.heads + m.kv_heads);
+        const bool is_q = head < m.heads;
+        float* x = is_q ? q.data() + b * qd + head * hd : k.data() + b * kvd + (head - m.heads) * hd;
+        const float* norm = is_q ? L.q_norm : L.k_norm;
+        if (norm != nullptr) rms_norm(x, norm, m.eps, x, hd);
+        rope(x, cos + pos[b] * hd, sin + pos[b] * hd, hd);
+        if (!is_q) {
+          const int64_t kvh = head - m.heads;
+          const int64_t slot = L.sliding ? times[b] % L.slots : times[b];
+          const int64_t at = ((rows[b] * m.kv_heads + kvh) * L.slots + slot) * hd;
+          std::memcpy(L.keys + at, x, sizeof(float) * hd);
+          std::memcpy(L.values + at, v.data() + b * kvd + kvh * hd, sizeof(float) * hd);
+        }
+      }
+
+      // attention: each row's keys in chunks of at least 32, up to two per thread, then the merge per query head
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < B * m.kv_heads * max_chunks; ++t) {
+        const int64_t b = t / (m.kv_heads * max_chunks), kv = t / max_chunks % m.kv_heads, c = t % max_chunks;
+        const int64_t used = key_count(L, times[b]), chunks = key_chunks(used, max_chunks);
+        if (c >= chunks) continue;
+        attend_chunk(m, L, rows[b], kv, times[b], c * used / chunks, (c + 1) * used / chunks,
+                     q.data() + b * qd + kv * groups * hd, parts.data() + t * groups * (hd + 2), scores, slots);
+      }
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < B * m.heads; ++t) {
+        const int64_t b = t / m.heads, head = t % m.heads, kv = head / groups;
+        merge_chunks(parts.data() + (b * m.kv_heads + kv) * max_chunks * groups * (hd + 2),
+                     key_chunks(key_count(L, times[b]), max_chunks), groups, head % groups, hd,
+                     att.data() + b * qd + head * hd);
+      }
+
+      const MatVec out_proj[1] = {{L.wo, L.so, D, qd, att.data(), o.data()}};
+      matvecs(out_proj, 1, B);
+
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        add_branch(h + b * D, o.data() + b * D, L.post_attn_norm, m.eps, D);
+        rms_norm(h + b * D, L.pre_ffw_norm, m.eps, xn.data() + b * D, D);
+      }
+
+      const MatVec gate_up[2] = {{L.wg, L.sg, I, D, xn.data(), gate.data()},
+                                 {L.wu, L.su, I, D, xn.data(), up.data()}};
+      matvecs(gate_up, 2, B);
+
+      const int64_t chunks = (B * I + 255) / 256;
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t start = c * 256, n = start + 256 <= B * I ? 256 : B * I - start;
+        geglu(gate.data() + start, up.data() + start, act.data() + start, n);
+      }
+
+      const MatVec down_proj[1] = {{L.wd, L.sd, D, I, act.data(), down.data()}};
+      matvecs(down_proj, 1, B);
+
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) add_branch(h + b * D, down.data() + b * D, L.post_ffw_norm, m.eps, D);
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"
