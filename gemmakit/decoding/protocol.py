@@ -30,6 +30,10 @@ class StepDecoder:
     """Base class and protocol. Subclasses override `advance` (and may override the rest for speed)."""
 
     name = "abstract"
+    # Whether `logits`/`greedy` of n rows equal those of each row alone, bit for bit. torch's matmuls may take
+    # another kernel (and summation order) for 2 rows than for 1, so the scheduler runs a decoder without this
+    # promise one row at a time; the native kernels compute every row alone by construction.
+    rows_independent = False
 
     def __init__(self, model: Transformer) -> None:
         self.model = model

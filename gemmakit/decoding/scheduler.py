@@ -397,7 +397,7 @@ class Scheduler:
         ids = torch.tensor([a.last for a in rows], dtype=torch.long, device=self.module.device)
         decoder = self._decoder()
         slot_rows = [a.row for a in rows]
-        if not any(a.request.needs_logits for a in rows):
+        if decoder.rows_independent and not any(a.request.needs_logits for a in rows):
             self._emit_tokens(rows, decoder.greedy_rows(ids, self._slots, slot_rows).tolist())
             return
         self._choose(rows, decoder.advance_rows(ids, self._slots, slot_rows), decoder)
@@ -408,14 +408,21 @@ class Scheduler:
         plain = [i for i, a in enumerate(rows) if not a.request.needs_logits]
         tokens: dict[int, TokenEvent] = {}
         if plain:
-            for i, token in zip(plain, decoder.greedy(h[plain]).tolist(), strict=True):
+            for i, token in zip(plain, self._per_row(decoder.greedy, decoder, h[plain]).tolist(), strict=True):
                 tokens[i] = TokenEvent(token)
         others = [i for i in range(len(rows)) if i not in tokens]
         if others:
-            logits = decoder.logits(h[others])
+            logits = self._per_row(decoder.logits, decoder, h[others])
             for j, i in enumerate(others):
                 tokens[i] = self._choose_one(rows[i], logits[j], decoder)
         self._emit_events(rows, [tokens[i] for i in range(len(rows))])
+
+    @staticmethod
+    def _per_row(head: Callable[[torch.Tensor], torch.Tensor], decoder: StepDecoder, h: torch.Tensor) -> torch.Tensor:
+        """head(h) computed so that no row's result depends on the others (see `rows_independent`)."""
+        if decoder.rows_independent or h.shape[0] == 1:
+            return head(h)
+        return torch.cat([head(h[i:i + 1]) for i in range(h.shape[0])])
 
     def _choose_one(self, active: _Active, logits: torch.Tensor, decoder: StepDecoder) -> TokenEvent:
         request = active.request

@@ -151,6 +151,7 @@ class NativeDecoder(StepDecoder):
     """
 
     name = "native"
+    rows_independent = True
 
     def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
         super().__init__(model)
