@@ -258,7 +258,6 @@ def _gemmakit(**load_kw) -> dict:
 
     import gemmakit
     from gemmakit.cache import KVCache
-    from gemmakit.engine import generate_tokens
     from gemmakit.quant import weight_bytes_per_token
 
     path = TOKENS["path"]
@@ -274,15 +273,13 @@ def _gemmakit(**load_kw) -> dict:
     compile_s = None
     if load_kw.get("compile"):  # compile (or fetch from inductor's disk cache) outside the timed run
         start = time.perf_counter()
-        for _ in generate_tokens(mod, [TOKENS["decode_prompt"]], n):
-            pass
+        model.generate_ids([TOKENS["decode_prompt"]], n)
         compile_s = time.perf_counter() - start
     # the native greedy step reads the 3-bit ranker; the eager and compiled paths read the int4 head
-    decoder = getattr(mod, "native_decoder", None)
-    ranked = decoder is not None and decoder.greedy_reads_ranker
-    _gemmakit_decode_tps(mod, WARMUP_TOKENS)
+    ranked = bool(getattr(model.decoder, "greedy_reads_ranker", False))
+    _gemmakit_decode_tps(model, WARMUP_TOKENS)
     reset_peak_rss()
-    decode_tps = _gemmakit_decode_tps(mod)
+    decode_tps = _gemmakit_decode_tps(model)
     rss = vm_kb("VmHWM") / 1024
     ids = torch.tensor([TOKENS["prefill_prompt"]])
     with torch.inference_mode():
@@ -305,13 +302,17 @@ def _gemmakit(**load_kw) -> dict:
 WARMUP_TOKENS = 16  # every runner decodes this many tokens once before the timed decode (first-run costs)
 
 
-def _gemmakit_decode_tps(mod, new_tokens: int | None = None) -> float:
-    from gemmakit.engine import generate_tokens
+def _gemmakit_decode_tps(model, new_tokens: int | None = None) -> float:
+    """Greedy decode through the path users get (`Gemma.generate`'s scheduler), timed from token to token."""
+    from gemmakit.decoding import Request, Scheduler
 
+    scheduler = Scheduler(model, slots=1, prefix_cache_bytes=0)
+    handle = scheduler.submit(Request(TOKENS["decode_prompt"], max_new_tokens=new_tokens or TOKENS["new_tokens"]))
     times = []
-    for step in generate_tokens(mod, [TOKENS["decode_prompt"]], new_tokens or TOKENS["new_tokens"]):  # greedy
-        times.append(time.perf_counter())
-        del step
+    while not handle.done:
+        scheduler.step()
+        if len(handle.tokens) > len(times):
+            times.append(time.perf_counter())
     return (len(times) - 1) / (times[-1] - times[0])
 
 
