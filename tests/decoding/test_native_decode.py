@@ -311,3 +311,19 @@ def test_native_argmax_is_torch_argmax():
     logits[3, [40, 600]] = float("nan")  # NaN counts as the largest, the first one
     logits[4] = -1.0
     assert torch.equal(decoder.argmax(logits), logits.argmax(dim=-1))
+
+
+def test_struct_layouts_are_checked_against_the_compiler(monkeypatch):
+    """The ctypes mirrors match the compiled structs field by field, and any difference is an error at load."""
+    from gemmakit.decoding.native import abi
+    from gemmakit.errors import GemmaKitError
+
+    lib = native.library()
+    abi.check(lib)  # the real layouts agree
+    expected = abi.expected_layout()
+    assert len(expected) == 3 + sum(len(s._fields_) for s in abi.STRUCTS)
+    shifted = list(expected)
+    shifted[expected.index(abi.Model.ring_stride.offset, len(abi.Layer._fields_) + 1)] += 8
+    monkeypatch.setattr(abi, "expected_layout", lambda: shifted)  # as if a field were added on one side only
+    with pytest.raises(GemmaKitError, match="struct layout"):
+        abi.check(lib)
