@@ -24,12 +24,16 @@ test: install
 	$(PY) -m pytest -q
 
 # The peers are benchmark-only dependencies: llama-cpp-python compiles llama.cpp from source (several minutes,
-# once), with GGML_NATIVE so that it uses this CPU's AVX512 like gemmakit does.
+# once) with AVX-512 named explicitly and AMX off: some VMs list AMX without granting it, and GGML_NATIVE=ON then
+# dies on `ldtilecfg`. On a CPU without AVX-512, set LLAMA_CMAKE_ARGS yourself.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+	-DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
 bench: install
-	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
-		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF" $(PIP) install -q llama-cpp-python
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q llama-cpp-python
 	$(PIP) install -q transformers
 	$(PY) bench/compare.py --threads 2
+	$(PY) bench/batch.py --threads 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
