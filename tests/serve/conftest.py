@@ -63,8 +63,44 @@ def live_server(gemma, options=None, **kwargs) -> Iterator[LiveServer]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def real_gemma(real_gguf_path: Path):
+    """The real 270M, loaded once for every server module (each module's server has its own scheduler)."""
     import gemmakit
 
     return gemmakit.load(real_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_gemma(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random Gemma 3 with a 512-piece SentencePiece tokenizer (chat turn markers included), for tests that
+    need a server but not the real model's words."""
+    import gemmakit
+    from support.train_helpers import save_tiny_model
+
+    return gemmakit.load(save_tiny_model("gemma3", tmp_path_factory.mktemp("tiny-serve") / "tiny"))
+
+
+def sse_events(raw: str) -> list[str]:
+    """The `data:` payloads of an SSE body, checking OpenAI's framing: events separated by one blank line, each a
+    single `data: ` line, the body ending with the blank line after `data: [DONE]`."""
+    assert raw.endswith("\n\n"), repr(raw[-40:])
+    blocks = raw[:-2].split("\n\n")
+    out = []
+    for block in blocks:
+        assert "\n" not in block, f"an event spans several lines: {block!r}"
+        assert block.startswith("data: "), f"not a data line: {block!r}"
+        out.append(block[len("data: "):])
+    assert out[-1] == "[DONE]"
+    return out
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """`with start_server(gemma, ServeOptions(...)) as server:` a live server (server.url, server.state)."""
+    return live_server
+
+
+@pytest.fixture(scope="session")
+def parse_sse():
+    return sse_events
