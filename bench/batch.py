@@ -85,6 +85,83 @@ def chat_savings(model) -> tuple[int, int]:
     return total, reused
 
 
+class LlamaBatch:
+    """llama.cpp decoding several sequences in one batch (llama-cpp-python's low-level API, one context with a
+    sequence per stream), greedy, on the same GGUF and token ids."""
+
+    def __init__(self, path: str, streams: int, per_stream: int, threads: int) -> None:
+        import llama_cpp as ll
+
+        self.ll = ll
+        ll.llama_backend_init()
+        self.model = ll.llama_model_load_from_file(path.encode(), ll.llama_model_default_params())
+        params = ll.llama_context_default_params()
+        params.n_ctx = streams * per_stream
+        params.n_batch = params.n_ubatch = 1024
+        params.n_seq_max = streams
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = ll.llama_init_from_model(self.model, params)
+        self.vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model))
+        self.batch = ll.llama_batch_init(1024, 0, streams)
+
+    def decode(self, entries: list[tuple[int, int, int, bool]]) -> list[int]:
+        """One llama_decode of (token, position, sequence, wants logits) entries; greedy tokens of those that
+        want logits, in order."""
+        import numpy as np
+
+        batch = self.batch
+        batch.n_tokens = len(entries)
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        if self.ll.llama_decode(self.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        return [int(np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, i), shape=(self.vocab,)).argmax())
+                for i, entry in enumerate(entries) if entry[3]]
+
+    def close(self) -> None:
+        self.ll.llama_batch_free(self.batch)
+        self.ll.llama_free(self.ctx)
+        self.ll.llama_model_free(self.model)
+
+
+def llama_concurrent(path: str, prompt_ids: list[list[int]], tokens: int, threads: int) -> float:
+    """Aggregate decode tok/s of len(prompt_ids) sequences decoded together (prompts prefilled first)."""
+    n = len(prompt_ids)
+    peer = LlamaBatch(path, n, max(map(len, prompt_ids)) + tokens + 8, threads)
+    try:
+        chosen = peer.decode([(t, j, s, j == len(p) - 1) for s, p in enumerate(prompt_ids) for j, t in enumerate(p)])
+        pos = [len(p) for p in prompt_ids]
+        start = time.perf_counter()
+        for _ in range(tokens - 1):
+            chosen = peer.decode([(chosen[s], pos[s], s, True) for s in range(n)])
+            pos = [q + 1 for q in pos]
+        return n * (tokens - 1) / (time.perf_counter() - start)
+    finally:
+        peer.close()
+
+
+def llama_newcomer_ttft(path: str, prompt_ids: list[list[int]], threads: int) -> float:
+    """llama.cpp: a newcomer's prompt decoded in the same batch as the next token of the others (as
+    llama-server's continuous batching does); its time to first token is that decode's time."""
+    running, newcomer = prompt_ids[:-1], prompt_ids[-1]
+    n = len(prompt_ids)
+    peer = LlamaBatch(path, n, max(map(len, prompt_ids)) + 64, threads)
+    try:
+        chosen = peer.decode([(t, j, s, j == len(p) - 1) for s, p in enumerate(running) for j, t in enumerate(p)])
+        pos = [len(p) for p in running]
+        for _ in range(20):
+            chosen = peer.decode([(chosen[s], pos[s], s, True) for s in range(len(running))])
+            pos = [q + 1 for q in pos]
+        start = time.perf_counter()
+        peer.decode([(chosen[s], pos[s], s, True) for s in range(len(running))]
+                    + [(t, j, n - 1, j == len(newcomer) - 1) for j, t in enumerate(newcomer)])
+        return time.perf_counter() - start
+    finally:
+        peer.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -94,18 +171,28 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = gemmakit.load("default")
-    print(f"decoder: {model.decoder_choice.name} ({model.decoder_choice.reason}); threads {args.threads}")
-    model.generate_ids([prompts(model, 1)[0]], 16)  # warm up (native build, caches)
-    print("| concurrent | aggregate tok/s | per stream | TTFT p50 ms |\n|---|---|---|---|")
-    for n in map(int, args.concurrency.split(",")):
-        r = run_concurrent(model, n, args.tokens, args.stagger)
-        print(f"| {n} | {r['tok_s']:.1f} | {r['per_stream']:.1f} | {r['ttft_p50_ms']:.0f} |", flush=True)
-    print(f"newcomer joining 7 running streams: time to first token {1e3 * newcomer_ttft(model, 7, 200):.0f} ms")
-    total, reused = chat_savings(model)
-    print(f"4-turn chat: {reused} of {total} prompt tokens reused from the prefix cache ({reused / total:.0%})")
     try:
         import llama_cpp  # noqa: F401
+
+        peer_path = str(model.source)
     except ImportError:
+        peer_path = None
+    print(f"decoder: {model.decoder_choice.name} ({model.decoder_choice.reason}); threads {args.threads}")
+    model.generate_ids([prompts(model, 1)[0]], 16)  # warm up (native build, caches)
+    print("| concurrent | gemmakit aggregate tok/s | per stream | TTFT p50 ms | llama.cpp aggregate tok/s | ratio |\n"
+          "|---|---|---|---|---|---|")
+    for n in map(int, args.concurrency.split(",")):
+        r = run_concurrent(model, n, args.tokens, args.stagger)
+        peer = llama_concurrent(peer_path, prompts(model, n), args.tokens, args.threads) if peer_path else None
+        peer_text = f"{peer:.1f} | {r['tok_s'] / peer:.2f}x" if peer else "- | -"
+        print(f"| {n} | {r['tok_s']:.1f} | {r['per_stream']:.1f} | {r['ttft_p50_ms']:.0f} | {peer_text} |", flush=True)
+    ours = newcomer_ttft(model, 7, 200)
+    theirs = llama_newcomer_ttft(peer_path, prompts(model, 8), args.threads) if peer_path else None
+    print(f"newcomer joining 7 running streams: time to first token gemmakit {1e3 * ours:.0f} ms"
+          + (f", llama.cpp {1e3 * theirs:.0f} ms" if theirs else ""))
+    total, reused = chat_savings(model)
+    print(f"4-turn chat: {reused} of {total} prompt tokens reused from the prefix cache ({reused / total:.0%})")
+    if peer_path is None:
         print("llama.cpp: llama-cpp-python is not installed here (make bench builds it); no peer figures")
 
 
