@@ -21,7 +21,10 @@ pieces instead of a turn marker. BOS comes from the template only, so it appears
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from gemmakit.errors import InputError, TokenizerError
@@ -176,4 +179,87 @@ def render_chat(
     return ids
 
 
-__all__ = ["chat_family", "render_chat", "render_chat_text"]
+# --- base (pretrained) checkpoints --------------------------------------------------------------------------
+# Words in a model's names that say how it was trained. Gemma releases end in "-it" (instruction-tuned) or
+# "-pt" (pretrained); GGUF converters copy that into general.finetune / general.name.
+_TUNED_WORDS = frozenset({"it", "instruct", "instruction", "chat", "sft", "dpo", "rlhf"})
+_BASE_WORDS = frozenset({"pt", "base", "pretrained", "pretrain"})
+
+
+def _words(text: str) -> set[str]:
+    return set(re.split(r"[^a-z0-9]+", text.lower())) - {""}
+
+
+def _read_json_dict(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _checkpoint_facts(source: Path) -> tuple[list[tuple[str, str]], bool | None]:
+    """(names, has_chat_template) from a checkpoint's own files, read without touching tensor data.
+
+    names: (where, text) pairs that may say "it"/"pt"; has_chat_template: None when the format cannot say.
+    """
+    names = [("file name", source.name)]
+    if source.is_dir():
+        config = _read_json_dict(source / "config.json")
+        tok = _read_json_dict(source / "tokenizer_config.json")
+        for key in ("_name_or_path", "name_or_path"):
+            for doc in (config, tok):
+                if isinstance(doc.get(key), str):
+                    names.append((key, doc[key]))
+        template = bool(tok.get("chat_template")) or any(
+            (source / f).is_file() for f in ("chat_template.jinja", "chat_template.json"))
+        return names, template
+    if source.is_file():
+        with open(source, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            from gemmakit.weights.gguf_reader import GGUFFile
+
+            with GGUFFile(source) as gguf:  # parses the header only; tensor data stays unread in the map
+                meta = gguf.metadata
+            names = [(key, meta[key]) for key in ("general.name", "general.finetune", "general.basename")
+                     if isinstance(meta.get(key), str)] + names
+            return names, bool(meta.get("tokenizer.chat_template"))
+    return names, None
+
+
+def base_model_notice(model: Any) -> str | None:
+    """A one-paragraph notice when `model` (a loaded `gemmakit.Gemma`) is a pretrained, not chat-tuned, checkpoint.
+
+    Rule, from what the checkpoint's files say (GGUF `general.*` metadata and `tokenizer.chat_template`; an HF
+    directory's config.json / tokenizer_config.json / chat_template.*; the file or directory name):
+    1. a name with an instruction-tuning word ("it", "instruct", "chat", ...) means chat-tuned: no notice;
+    2. a name with a pretraining word ("pt", "base", "pretrained") means base: notice;
+    3. otherwise a checkpoint that carries no chat template is taken as base: notice;
+    4. anything else (a template, or a format that cannot say, such as a bare .ckpt): no notice.
+    The chat CLI prints it once before the first turn and the server's web page shows it; `generate` stays
+    silent, since continuing text is what a base model does well.
+    """
+    source = getattr(model, "source", None)
+    if source is None or not Path(source).exists():
+        return None
+    source = Path(source)
+    names, has_template = _checkpoint_facts(source)
+    if any(_words(text) & _TUNED_WORDS for _, text in names):
+        return None
+    said = next(((where, text) for where, text in names if _words(text) & _BASE_WORDS), None)
+    if said is not None:
+        why = f"its {said[0]} ({said[1]!r}) says pretrained"
+    elif has_template is False:
+        where = "GGUF metadata has" if source.is_file() else "tokenizer files have"
+        why = (f"its {where} no chat template and none of its names says instruction-tuned "
+               f"({names[0][0]} {names[0][1]!r})")
+    else:
+        return None
+    return (f"{source.name} looks like a pretrained (base) checkpoint, not an instruction-tuned one: {why}. A base "
+            "model continues text; it was never trained on chat turns, so its replies may echo the prompt or "
+            "repeat themselves. For chat, load an instruction-tuned release (Gemma's '-it' checkpoints, e.g. "
+            "gemma-3-270m-it); for continuing text, `gemmakit generate` suits this one.")
+
+
+__all__ = ["base_model_notice", "chat_family", "render_chat", "render_chat_text"]

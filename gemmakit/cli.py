@@ -12,27 +12,38 @@ from collections.abc import Sequence
 from gemmakit.errors import GemmaKitError
 
 # Modules that add verbs: each has `register(verbs: argparse._SubParsersAction) -> None`.
-VERB_MODULES: list[str] = ["gemmakit.train.cli", "gemmakit.quant_cli", "gemmakit.safety.cli", "gemmakit.scope.cli"]
+VERB_MODULES: list[str] = ["gemmakit.train.cli", "gemmakit.quant_cli", "gemmakit.safety.cli", "gemmakit.scope.cli",
+                            "gemmakit.explain.cli", "gemmakit.serve.cli"]
 
 MODEL_HELP = "an HF model directory, a .gguf file, a gemma_pytorch .ckpt, or 'default' (the embedded Gemma 3 270M)"
 
 
-def add_model_argument(parser: argparse.ArgumentParser, fast: bool = False) -> None:
-    """MODEL and --dtype. `fast` (generation verbs): default to `load()`'s own choice, the quantised fast path
-    for GGUF files on CPUs with bf16, and offer --compile; other verbs default to exact float32."""
+AUTO_DTYPE_HELP = ("auto (default): gemmakit.load()'s own choice, int8 weights with bf16 activations for GGUF files on "
+                   "CPUs with bf16 (perplexity within 1%% of float32), float32 otherwise; a dtype means that dtype "
+                   "unquantised (float32 is the exact reference path)")
+
+
+def add_model_argument(parser: argparse.ArgumentParser, fast: bool = False, float_reason: str | None = None) -> None:
+    """MODEL and --dtype: every verb loads the way `gemmakit.load(MODEL)` does unless it says why not.
+
+    By default --dtype is "auto", the library's own choice (the int8 fast path for a GGUF on a CPU with bf16),
+    and `load_model` prints which path ran. A verb that needs float weights (training, export, activations
+    stored as training data) passes `float_reason`: it defaults to float32 and its --help gives the reason.
+    `fast` (generation verbs) also offers --compile.
+    """
     parser.add_argument("model", help=MODEL_HELP)
     choices = ["float32", "bfloat16", "float16"]
+    if float_reason is None:
+        parser.add_argument("--dtype", default="auto", choices=["auto", *choices], help=AUTO_DTYPE_HELP)
+    else:
+        parser.add_argument("--dtype", default="float32", choices=choices,
+                            help="weight and activation dtype (default float32, not the library's int8 default "
+                                 f"for GGUF files: {float_reason})")
+    parser.set_defaults(float_reason=float_reason)
     if fast:
-        parser.add_argument("--dtype", default="auto", choices=["auto", *choices],
-                            help="auto (default): int8 weights with bf16 activations for GGUF files on CPUs with "
-                                 "bf16 (perplexity within 1%% of float32), float32 otherwise; a dtype means that "
-                                 "dtype unquantised (float32 is the exact reference path)")
         parser.add_argument("--compile", action="store_true",
                             help="decode through a torch.compile'd step (faster per token; compiling takes a "
                                  "minute or two the first time, ~15 s later)")
-    else:
-        parser.add_argument("--dtype", default="float32", choices=choices,
-                            help="activation and weight dtype (default float32, the exact reference path)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -51,13 +62,34 @@ def sampling_options(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
 
 
+def describe_load(model, dtype_arg: str, float_reason: str | None = None) -> str:
+    """Which path a loaded model runs, read from its weights (so it is true whatever chose it), and why."""
+    import torch
+
+    tensors = list(model.module.state_dict().values())
+    quantised = any(t.dtype in (torch.int8, torch.uint8) for t in tensors)
+    activations = str(model.module.dtype).removeprefix("torch.")
+    path = (f"quantised int8 weights, {activations} activations" if quantised
+            else f"{activations} weights and activations, unquantised")
+    if dtype_arg == "auto":
+        why = "gemmakit.load()'s default" + ("; --dtype float32 is the exact reference path" if quantised else "")
+    elif float_reason is not None:
+        why = f"--dtype {dtype_arg}, not the library's default: {float_reason}"
+    else:
+        why = f"--dtype {dtype_arg}"
+    return f"{path} ({why})"
+
+
 def load_model(args: argparse.Namespace):
+    """`gemmakit.load` with the verb's --dtype; says on stderr what was loaded, in how long, and which path runs."""
     from gemmakit.api import load
 
     start = time.perf_counter()
     dtype = None if args.dtype == "auto" else args.dtype
     model = load(args.model, dtype=dtype, compile=getattr(args, "compile", False))
-    print(f"[loaded {model.source} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    print(f"[loaded {model.source} in {time.perf_counter() - start:.1f} s: "
+          f"{describe_load(model, args.dtype, getattr(args, 'float_reason', None))}; decoding: "
+          f"{model.decoder_choice.name}, {model.decoder_choice.reason}]", file=sys.stderr)
     return model
 
 
@@ -99,7 +131,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from gemmakit.chat import base_model_notice
+
     model = load_model(args)
+    notice = base_model_notice(model)
+    if notice:  # once, before the first turn: a base model's odd replies are not a bug of the template
+        print(f"[{notice}]", file=sys.stderr)
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})

@@ -19,6 +19,7 @@ AVX512-BF16 that is 2.3-2.5x faster per step than fp32 (measured on the 270M, 1 
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -188,6 +189,9 @@ def train_agile(model: Any, examples: Sequence[Example], config: AgileConfig | N
     data = [(e.prompt if e.response is None else e.response, e.label) for e in examples if e.label is not None]
     if not data:
         raise InputError("train_agile needs labelled examples (label 0 or 1)")
+    if len(data) < len(examples):  # say so: silently training on a subset hides a reader's label rule
+        logging.getLogger("gemmakit.safety").warning(
+            f"train_agile: {len(examples) - len(data)} of {len(examples)} examples have no label and are left out")
     classifier = AgileClassifier(model, config, tokenizer=tokenizer)
     module = classifier.module
     torch.manual_seed(config.seed)

@@ -6,16 +6,32 @@ Thin parsing only; the work is in `scoring`, `datasets`, `metrics` and `agile`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from gemmakit.cli import add_model_argument, load_model
 from gemmakit.errors import InputError
-from gemmakit.safety.datasets import FORMATS, read_dataset, read_jsonl
+from gemmakit.safety.datasets import FORMATS, LABEL_RULES, MODERATION_CATEGORIES, read_dataset, read_jsonl
 from gemmakit.safety.policies import POLICIES, Policy
+
+
+@contextlib.contextmanager
+def _warnings_on_stderr() -> Iterator[None]:
+    """Show the `gemmakit.safety` logger's warnings (what a label rule drops) on stderr while reading or training."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(message)s]"))
+    logger = logging.getLogger("gemmakit.safety")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def _policies(args: argparse.Namespace) -> list[str | Policy] | None:
@@ -96,7 +112,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from gemmakit.safety.metrics import evaluate, write_pr_curve_png
 
-    examples = read_dataset(args.data, args.format)
+    with _warnings_on_stderr():
+        examples = read_dataset(args.data, args.format, label_rule=args.label_rule, category=args.category)
     if args.limit is not None:
         examples = examples[:args.limit]
     if not examples:
@@ -127,15 +144,28 @@ def cmd_train_agile(args: argparse.Namespace) -> int:
     from gemmakit.safety.agile import AgileConfig, train_agile
 
     model = load_model(args)
-    examples = read_dataset(args.data, args.format)
+    with _warnings_on_stderr():
+        examples = read_dataset(args.data, args.format, label_rule=args.label_rule)
     cfg = AgileConfig(labels=tuple(args.labels.split(",")), epochs=args.epochs, lr=args.lr, rank=args.rank,
                       batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
     start = time.perf_counter()
-    classifier = train_agile(model, examples, cfg, progress=not args.quiet)
+    with _warnings_on_stderr():
+        classifier = train_agile(model, examples, cfg, progress=not args.quiet)
     classifier.save(args.out)
     print(f"[trained on {len(examples)} examples in {time.perf_counter() - start:.1f} s; adapter in {args.out}]",
           file=sys.stderr)
     return 0
+
+
+TRAINING_NEEDS_FLOAT = ("training needs float weights: the LoRA adapters wrap float linear layers and the gradient "
+                       "flows back through them, which int8 weights do not support")
+
+
+def _add_label_rule_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label-rule", default="any", choices=LABEL_RULES,
+                        help="OpenAI moderation files' binary label: any (default, ShieldGemma's protocol on all "
+                             "texts): 1 if any annotated category is 1, else 0; strict: 0 only when all eight "
+                             "categories are annotated 0, dropping the other texts (says how many on stderr)")
 
 
 class _TrailingText(argparse.ArgumentParser):
@@ -173,16 +203,21 @@ def register(verbs: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     evaluate.add_argument("--png", type=Path, default=None, help="write the precision-recall curve to this PNG")
     evaluate.add_argument("--scores-out", type=Path, default=None, help="write each example's scores as JSONL")
+    _add_label_rule_argument(evaluate)
+    evaluate.add_argument("--category", default=None, choices=MODERATION_CATEGORIES,
+                          help="OpenAI moderation files: evaluate one category's label instead of the binary "
+                               "one (texts where it was not annotated are skipped)")
     _add_scoring_arguments(evaluate)
     evaluate.set_defaults(run=cmd_eval)
 
     safety = verbs.add_parser("safety", help="safety classifier tools (train-agile)")
     group = safety.add_subparsers(dest="safety_verb", required=True, metavar="VERB")
     agile = group.add_parser("train-agile", help="tune a LoRA agile classifier on labelled examples")
-    add_model_argument(agile)
+    add_model_argument(agile, float_reason=TRAINING_NEEDS_FLOAT)
     agile.add_argument("data", type=Path, help="labelled examples (JSONL {text,label} or any eval-safety format)")
     agile.add_argument("out", type=Path, help="directory for the adapter and its classifier settings")
     agile.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="data format (default auto)")
+    _add_label_rule_argument(agile)
     agile.add_argument("--labels", default="Positive,Negative",
                        help="single-token label words for label 0 and label 1 (default Positive,Negative: the "
                             "notebook's, Negative = harmful)")

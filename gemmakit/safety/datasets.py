@@ -1,7 +1,9 @@
 """Readers for safety evaluation sets, each turned into `Example(prompt, response, label)`.
 
 Labels are 1 (harmful), 0 (benign) or None (unknown): OpenAI's moderation set leaves categories out where nobody
-labelled them, and treating those as 0 would invent negatives. Each reader follows the dataset's own convention:
+labelled them, so a per-category label can be unknown (and is skipped in evaluation), while its binary any-harm
+label follows ShieldGemma's protocol: 1 if any annotated category is 1, else 0, on every text.
+Each reader follows the dataset's own convention:
 ETHOS is binarised at the column median as the agile-classifier notebook does, HarmBench's contextual behaviours
 get their context in front as HarmBench's own code builds them.
 """
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from gemmakit.jsonl import iter_jsonl, open_text
 
 MODERATION_CATEGORIES = ("S", "H", "V", "HR", "SH", "S3", "H2", "V2")
 FORMATS = ("jsonl", "xstest", "openai", "ethos", "harmbench")
+logger = logging.getLogger("gemmakit.safety")
 
 
 @dataclass(frozen=True)
@@ -64,28 +69,50 @@ def read_jsonl(path: str | Path) -> list[Example]:
     return examples
 
 
-def read_openai_moderation(path: str | Path, category: str | None = None) -> list[Example]:
+LABEL_RULES = ("any", "strict")
+
+
+def read_openai_moderation(path: str | Path, category: str | None = None, label_rule: str = "any") -> list[Example]:
     """OpenAI's `samples-1680.jsonl(.gz)`: `{"prompt", "S": 0|1, ...}` with categories left out when unlabelled.
 
-    With `category`, that category's label (None where absent). Without, any category: 1 if one is 1, 0 only if
-    all eight are present and 0, else None.
+    With `category`: that category's label, None where it was not annotated (per-category evaluation skips it).
+    Without, the binary any-harm label of ShieldGemma's table, by `label_rule`:
+    - "any" (default, the paper's protocol on all 1,680 texts): 1 if any annotated category is 1, else 0.
+    - "strict": 0 only when all eight categories are annotated 0; texts with no positive and an unannotated
+      category are dropped (not returned), and a warning on the `gemmakit.safety` logger says how many and
+      which categories were missing. On the released file this keeps far fewer benign texts, so its figures
+      are not comparable with the paper's.
     """
     path = Path(path)
     if category is not None and category not in MODERATION_CATEGORIES:
         raise InputError(f"category {category!r} is unknown; expected one of {', '.join(MODERATION_CATEGORIES)}")
-    examples = []
+    if label_rule not in LABEL_RULES:
+        raise InputError(f"label rule {label_rule!r} is unknown; expected one of {', '.join(LABEL_RULES)}")
+    examples, dropped, missing = [], 0, Counter()
+    total = 0
     for number, record in iter_jsonl(path):
         if not isinstance(record.get("prompt"), str):
             raise FormatError(f"{path}:{number}: needs a string field 'prompt'")
+        total += 1
         where = f"{path}:{number}"
-        known = {c: parse_label(record[c], where) for c in MODERATION_CATEGORIES if c in record}
+        known = {c: parse_label(record.get(c), where) for c in MODERATION_CATEGORIES}
+        known = {c: v for c, v in known.items() if v is not None}  # absent and null both mean "not annotated"
         if category is not None:
             label = known.get(category)
         elif any(v == 1 for v in known.values()):
             label = 1
+        elif label_rule == "strict" and len(known) < len(MODERATION_CATEGORIES):
+            dropped += 1
+            missing.update(c for c in MODERATION_CATEGORIES if c not in known)
+            continue
         else:
-            label = 0 if len(known) == len(MODERATION_CATEGORIES) and None not in known.values() else None
+            label = 0
         examples.append(Example(record["prompt"], label, meta=known))
+    if dropped:
+        counts = ", ".join(f"{c} x{n}" for c, n in missing.most_common())
+        logger.warning(f"{path}: strict label rule dropped {dropped} of {total} texts (no category is 1 and at "
+                       f"least one is unannotated; unannotated: {counts}); the paper's rule (label_rule='any') "
+                       f"keeps all {total}")
     return examples
 
 
@@ -158,11 +185,21 @@ def detect_format(path: str | Path) -> str:
                       f"{', '.join(FORMATS)}")
 
 
-def read_dataset(path: str | Path, format: str = "auto") -> list[Example]:  # noqa: A002 - the CLI's word
-    """Read any supported set; `format` is one of FORMATS or "auto"."""
+def read_dataset(path: str | Path, format: str = "auto", label_rule: str = "any",  # noqa: A002 - the CLI's word
+                 category: str | None = None) -> list[Example]:
+    """Read any supported set; `format` is one of FORMATS or "auto".
+
+    `label_rule` and `category` apply to OpenAI moderation files only (see `read_openai_moderation`); asking for
+    a category of another format is an error, while the label rule is simply not needed there.
+    """
     fmt = detect_format(path) if format == "auto" else format
     readers = {"jsonl": read_jsonl, "xstest": read_xstest, "openai": read_openai_moderation, "ethos": read_ethos,
                "harmbench": read_harmbench}
     if fmt not in readers:
         raise InputError(f"format {format!r} is unknown; expected auto or one of {', '.join(FORMATS)}")
+    if fmt == "openai":
+        return read_openai_moderation(path, category=category, label_rule=label_rule)
+    if category is not None:
+        raise InputError(f"{path}: a moderation category ({category!r}) applies to OpenAI moderation files only; "
+                         f"this one reads as {fmt!r}")
     return readers[fmt](path)

@@ -48,7 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(architecture=args.arch, width=args.width, targets=args.l0, batch_size=args.batch_size,
                          steps=args.steps, lr=args.lr, sparsity=args.sparsity, sparsity_coeff=args.sparsity_coeff,
                          sparsity_warmup_steps=args.sparsity_warmup, bandwidth=args.bandwidth, seed=args.seed,
-                         log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+                         log_every=args.log_every, checkpoint_every=args.checkpoint_every, auxk_coeff=args.auxk_coeff,
+                         auxk_k=args.auxk_k, dead_window=args.dead_window, resample_every=args.resample_every)
     info = SAEInfo(site=store.site, model_name=str(store.meta.get("model")))
     saes = train_saes(store, config, args.out, info)
     for sae, target in zip(saes, config.targets, strict=True):
@@ -120,7 +121,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     features = [int(f) for f in args.features.split(",")] if args.features else None
     data = dashboard_data(model, sae, site, _eval_sequences(args, model), features=features,
                           n_features=args.n_features, texts=args.example_text or (), steer_prompt=args.steer_prompt,
-                          steer_coeff=args.steer_coeff, batch_size=args.model_batch)
+                          steer_coeff=args.steer_coeff, batch_size=args.model_batch, n_neighbours=args.neighbours)
     print(write_dashboard(args.out, data))
     return 0
 
@@ -135,10 +136,16 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+STORE_FLOAT = ("stored activations are an SAE's training data, taken from the unquantised model that SAEs are meant "
+               "to read, as Gemma Scope's were; int8 weights would shift every activation")
+
+
 def _add_store_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
     p.add_argument("--store", required=True, help="activation store folder (built here if --model is given)")
     p.add_argument("--model", default=None, help="model to build the store with (HF dir, .gguf, .ckpt, 'default')")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help=f"model dtype (default float32, not the library's int8 default for GGUF files: {STORE_FLOAT})")
+    p.set_defaults(float_reason=STORE_FLOAT)
     p.add_argument("--text", default=None, help="UTF-8 text corpus to stream through the model")
     p.add_argument("--site", default="layers.9.resid_post", help="site, e.g. layers.9.resid_post")
     p.add_argument("--context", type=int, default=128, help="tokens per window, <bos> included (default 128)")
@@ -181,6 +188,17 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (resume by rerun)")
+    dead = p.add_argument_group("dead latents")
+    dead.add_argument("--auxk-coeff", type=float, default=1 / 32,
+                      help="TopK: weight of the AuxK loss that trains dead latents on the residual (Gao et al. 2024; "
+                           "default 1/32, 0 = off)")
+    dead.add_argument("--auxk-k", type=int, default=None, help="TopK: dead latents used per row by AuxK (default d/2)")
+    dead.add_argument("--dead-window", type=int, default=None,
+                      help="steps without firing that make a latent dead for AuxK (default: 10M tokens' worth, at "
+                           "most a tenth of the run)")
+    dead.add_argument("--resample-every", type=int, default=0,
+                      help="every N steps, re-initialise latents dead for N steps towards badly reconstructed "
+                           "inputs (Anthropic's resampling; default 0 = never)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("info", help="describe an SAE file or folder")
@@ -206,6 +224,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--example-text", action="append", help="text to show per-token features for (repeatable)")
     p.add_argument("--steer-prompt", default=None, help="prompt for default vs steered continuations per feature")
     p.add_argument("--steer-coeff", type=float, default=10.0)
+    p.add_argument("--neighbours", type=int, default=8,
+                   help="features listed per page as closest by decoder-direction cosine (default 8; 0 = none)")
     p.set_defaults(run=cmd_dashboard)
 
     p = sub.add_parser("steer", help="generate with a feature's decoder direction added at its site")

@@ -59,9 +59,26 @@ def pick_features(density: torch.Tensor, n: int) -> list[int]:
     return order[picks].tolist()
 
 
+def neighbours(sae: SAE, features: Sequence[int], n: int = 8) -> list[list[tuple[int, float]]]:
+    """For each feature, the `n` other latents whose decoder directions are closest: the highest cosine similarity
+    between W_dec rows, most similar first. Near-duplicates and split features show up here."""
+    if not features or n <= 0 or sae.d_sae < 2:
+        return [[] for _ in features]
+    with torch.no_grad():
+        w = sae.W_dec.detach().float()
+        unit = w / w.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        index = torch.tensor([int(f) for f in features], dtype=torch.long)
+        cos = unit[index] @ unit.t()
+        cos[torch.arange(index.numel()), index] = -float("inf")  # not its own neighbour
+        values, ids = cos.topk(min(n, sae.d_sae - 1), dim=1)
+    return [[(int(i), float(v)) for i, v in zip(row_ids, row_values, strict=True)]
+            for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)]
+
+
 def dashboard_data(model: Any, sae: SAE, site: str, sequences: np.ndarray, features: Sequence[int] | None = None,
                    n_features: int = 40, texts: Sequence[str] = (), steer_prompt: str | None = None,
-                   steer_coeff: float = 10.0, steer_tokens: int = 24, batch_size: int = 8) -> dict[str, Any]:
+                   steer_coeff: float = 10.0, steer_tokens: int = 24, batch_size: int = 8,
+                   n_neighbours: int = 8) -> dict[str, Any]:
     """Everything the page shows, computed once."""
     site = str(parse_site(site))
     index = index_features(model, sae, site, sequences, batch_size)
@@ -69,10 +86,11 @@ def dashboard_data(model: Any, sae: SAE, site: str, sequences: np.ndarray, featu
     max_act = index.max_activation()
     feats = list(features) if features is not None else pick_features(density, n_features)
     logits = logit_effects(model, sae, site, feats) if feats else []
+    near = neighbours(sae, feats, n_neighbours)
     dens_log = torch.log10(density[density > 0]).numpy()
     counts, edges = np.histogram(dens_log, bins=20) if dens_log.size else (np.zeros(0), np.zeros(1))
     pages = []
-    for f, effect in zip(feats, logits, strict=True):
+    for f, effect, close in zip(feats, logits, near, strict=True):
         hist = activation_histogram(index, f)
         ex = feature_examples(model, index, f)
         mids = [f"{(a + b) / 2:.3g}" for a, b in zip(hist["edges"][:-1], hist["edges"][1:], strict=True)]
@@ -82,6 +100,7 @@ def dashboard_data(model: Any, sae: SAE, site: str, sequences: np.ndarray, featu
             "logit_svg": bar_svg([v for _, v in effect["pos"]], [t for t, _ in effect["pos"]], color="#3a9a5b",
                                  title="top logit effects"),
             "pos": effect["pos"], "neg": effect["neg"], **ex,
+            "neighbours": [[i, round(c, 4), float(density[i])] for i, c in close],
             "steer": (steer_generate(model, sae, site, f, steer_coeff, steer_prompt, steer_tokens)
                       if steer_prompt else None),
         })
@@ -142,6 +161,13 @@ function featurePage(F){
   for (const q of F.quantiles){
     h += '<h3>Interval '+q.range[0]+' - '+q.range[1]+' <span class="small">('+q.count+' contexts)</span></h3>'
       + q.examples.map(e=>example(e, F.max)).join('');
+  }
+  if (F.neighbours.length){
+    const shown = new Set(D.features.map(x=>x.id));
+    h += '<h3>Neighbouring features <span class="small">(closest decoder directions)</span></h3><table id="neighbours">'
+      +'<tr><td>feature</td><td>cosine</td><td>density</td></tr>'+F.neighbours.map(r=>'<tr><td>'
+      +(shown.has(r[0])?'<a href="#f'+r[0]+'">#'+r[0]+'</a>':'#'+r[0])+'</td><td>'+r[1].toFixed(3)+'</td><td>'
+      +(100*r[2]).toFixed(3)+'%</td></tr>').join('')+'</table>';
   }
   if (F.steer){
     h += '<h3>Steering (+'+F.steer.coeff+' x decoder direction)</h3><table><tr><td>default</td><td>'

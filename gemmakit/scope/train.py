@@ -14,6 +14,22 @@ Recipe and why:
   CPU runs neither begin with half the latents firing (slow, dense) nor with dead latents.
 - Every SAE of one run sees the same batches; checkpoints hold weights, optimiser states and the step, and the
   batch order is a pure function of (seed, step), so a resumed run continues exactly.
+
+Dead latents (two remedies; a latent is dead at step S when it has not fired in the `window` steps before S):
+- AuxK (TopK SAEs, Gao et al. 2024 "Scaling and evaluating sparse autoencoders", on by default): with
+  e = x - x_hat (the main reconstruction's residual, held fixed), the k_aux largest pre-activations among the dead
+  latents (ReLU'd, the others zero) decode without b_dec to e_hat, and L + auxk_coeff * ||e - e_hat||^2 is
+  minimised, auxk_coeff = 1/32 and k_aux = d_in // 2 by default (the paper: a power of two near d_model / 2). The
+  paper's dead window is 10M tokens; here it is that many steps' worth, capped at a tenth of the run so that
+  short runs use it too (`dead_window` sets it in steps).
+- Resampling (both architectures, off by default; Anthropic 2023 "Towards Monosemanticity"): every
+  `resample_every` steps, latents that have not fired in the last `resample_every` steps are re-initialised
+  towards inputs the SAE reconstructs badly: `resample_rows` rows (a pure function of seed and step) are scored
+  by their squared error err = ||x - x_hat||^2 and drawn with probability proportional to err^2 (without
+  replacement while possible); each dead latent gets its drawn input's direction v = (x - b_dec) / ||x - b_dec||
+  as its decoder row and 0.2 * (mean encoder-column norm of the live latents) * v as its encoder column, b_enc
+  that makes its pre-activation (x - b_dec) . W_enc (zero bias relative to b_dec, as in the paper), for JumpReLU
+  a threshold of half its pre-activation on that input (so it fires there), and its Adam moments are zeroed.
 """
 
 from __future__ import annotations
@@ -78,6 +94,11 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     scale_sample: int = 32768
+    auxk_coeff: float = 1 / 32  # TopK only: weight of the AuxK loss on dead latents; 0 turns it off
+    auxk_k: int | None = None  # dead latents AuxK may use per row; None = d_in // 2
+    dead_window: int | None = None  # steps without firing that make a latent dead for AuxK; None: see docstring
+    resample_every: int = 0  # steps between resamplings of dead latents; 0 = never
+    resample_rows: int = 16384  # inputs scored when resampling
 
     def __post_init__(self) -> None:
         if self.architecture not in ("jumprelu", "topk"):
@@ -88,18 +109,33 @@ class TrainConfig:
             raise InputError(f"sparsity must be 'quadratic' or 'linear', got {self.sparsity!r}")
         if self.batch_size < 1 or self.steps < 1:
             raise InputError("batch_size and steps must be >= 1")
+        if self.auxk_coeff < 0 or (self.auxk_k is not None and self.auxk_k < 1):
+            raise InputError(f"auxk_coeff must be >= 0 and auxk_k >= 1, got {self.auxk_coeff}, {self.auxk_k}")
+        if self.resample_every < 0 or self.resample_rows < 1 or (self.dead_window is not None and self.dead_window < 1):
+            raise InputError("resample_every must be >= 0, resample_rows >= 1 and dead_window >= 1")
         self.targets = tuple(float(t) for t in self.targets)
 
     def name(self, target: float) -> str:
         return f"{self.architecture}_w{width_label(self.width)}_l0_{target:g}"
+
+    def auxk_window(self) -> int:
+        """Steps without firing after which AuxK treats a latent as dead (see the module docstring)."""
+        if self.dead_window is not None:
+            return self.dead_window
+        return max(1, min(math.ceil(10_000_000 / self.batch_size), self.steps // 10))
 
 
 @dataclass
 class TrainState:
     """Running statistics of one SAE, logged and saved with it."""
 
-    last_fired: torch.Tensor
+    last_fired: torch.Tensor  # the step each latent last fired at, -1 for never
     history: list[dict] = field(default_factory=list)
+    resampled: list[list[int]] = field(default_factory=list)  # [step, latents resampled] per resampling
+
+    def dead(self, step: int, window: int) -> torch.Tensor:
+        """Mask of latents that have not fired in the `window` steps before `step`."""
+        return step - self.last_fired > window
 
 
 class BatchOrder:
@@ -185,7 +221,7 @@ class Trainer:
         self.saes = [init_sae(config, t, source.d, mean, x0, self.info, g) for t in config.targets]
         betas = (0.0, 0.999) if config.architecture == "jumprelu" else (0.9, 0.999)
         self.opts = [torch.optim.Adam(sae.parameters(), lr=config.lr, betas=betas, eps=1e-8) for sae in self.saes]
-        self.states = [TrainState(torch.zeros(config.width, dtype=torch.long)) for _ in self.saes]
+        self.states = [TrainState(torch.full((config.width,), -1, dtype=torch.long)) for _ in self.saes]
         self.step = 0
         self.tokens_per_s = 0.0
         if self.out_dir is not None and (self.out_dir / "checkpoint.pt").exists():
@@ -200,17 +236,44 @@ class Trainer:
         err = (x_hat - x).pow(2).sum(1)
         loss = err.mean()
         mean_l0 = l0.mean()
+        extra = {}
         if k == 0:
             lam = c.sparsity_coeff * min(1.0, step / max(1, c.sparsity_warmup_steps))
             if c.sparsity == "quadratic":
                 loss = loss + lam * (mean_l0 / target - 1).pow(2)
             else:
                 loss = loss + lam * mean_l0
+        elif c.auxk_coeff > 0:
+            aux = auxk_loss(sae, x, x_hat, state.dead(step, c.auxk_window()), c.auxk_k)
+            loss = loss + c.auxk_coeff * aux
+            extra["auxk"] = aux.item()
         loss.backward()
         state.last_fired[fired > 0] = step
         with torch.no_grad():
             fvu = float(err.sum() / (x - x.mean(0)).pow(2).sum())
-        return {"loss": loss.item(), "mse": err.mean().item(), "fvu": fvu, "l0": mean_l0.item()}
+        return {"loss": loss.item(), "mse": err.mean().item(), "fvu": fvu, "l0": mean_l0.item(), **extra}
+
+    # --- resampling dead latents ------------------------------------------------------------------------------
+    def resample(self, i: int) -> int:
+        """Re-initialise SAE i's dead latents towards badly reconstructed inputs (rule: module docstring)."""
+        c, sae, opt, state = self.config, self.saes[i], self.opts[i], self.states[i]
+        dead = torch.nonzero(state.dead(self.step, c.resample_every)).flatten()
+        if dead.numel() == 0:
+            return 0
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + 7919 * self.step + i + 1)
+        n = len(self.source)
+        idx = torch.randperm(n, generator=g)[: min(n, c.resample_rows)].sort().values
+        x = self.source.rows(idx).float() / self.scale
+        with torch.no_grad():
+            weight = (sae(x) - x).pow(2).sum(1).pow(2)
+        if not bool((weight > 0).any()):
+            return 0
+        picks = torch.multinomial(weight, dead.numel(), replacement=int((weight > 0).sum()) < dead.numel(),
+                                  generator=g)
+        resample_latents(sae, opt, dead, x[picks])
+        state.last_fired[dead] = self.step  # a fresh window to learn in before counting as dead again
+        state.resampled.append([self.step, int(dead.numel())])
+        return int(dead.numel())
 
     @staticmethod
     def _constrain_grad(sae: SAE) -> None:
@@ -228,6 +291,10 @@ class Trainer:
 
     def train_step(self) -> list[dict[str, float]]:
         step = self.step
+        if self.config.resample_every and step > 0 and step % self.config.resample_every == 0:
+            counts = [self.resample(i) for i in range(len(self.saes))]
+            if any(counts):
+                self.log(f"step {step}: resampled {counts} dead latents")
         x = self.source.rows(self.order(step)).float() / self.scale
         stats = []
         for sae, opt, target, state in zip(self.saes, self.opts, self.config.targets, self.states, strict=True):
@@ -262,7 +329,8 @@ class Trainer:
     def _log(self, window: list[list[dict[str, float]]]) -> None:
         parts = []
         for i, target in enumerate(self.config.targets):
-            avg = {k: sum(s[i][k] for s in window) / len(window) for k in window[0][i]}
+            keys = [k for k in window[-1][i] if all(k in s[i] for s in window)]  # auxk appears once on
+            avg = {k: sum(s[i][k] for s in window) / len(window) for k in keys}
             dead = self.dead_fraction(i)
             avg.update(step=self.step, dead=dead)
             self.states[i].history.append(avg)
@@ -272,7 +340,7 @@ class Trainer:
     def dead_fraction(self, i: int, window: int = 1000) -> float:
         """Latents that have not fired in the last `window` steps (all steps so far early on)."""
         if self.step < window:
-            return float((self.states[i].last_fired == 0).float().mean()) if self.step > 0 else 0.0
+            return float((self.states[i].last_fired < 0).float().mean()) if self.step > 0 else 0.0
         return float((self.states[i].last_fired < self.step - window).float().mean())
 
     def export(self) -> list[SAE]:
@@ -298,7 +366,8 @@ class Trainer:
         blob = {"step": self.step, "scale": self.scale, "config": json.dumps(asdict(self.config)),
                 "saes": [sae.state_dict() for sae in self.saes], "opts": [o.state_dict() for o in self.opts],
                 "last_fired": [s.last_fired for s in self.states],
-                "history": json.dumps([s.history for s in self.states])}
+                "history": json.dumps([s.history for s in self.states]),
+                "resampled": json.dumps([s.resampled for s in self.states])}
         tmp = self.out_dir / "checkpoint.pt.tmp"
         torch.save(blob, tmp)
         tmp.replace(self.out_dir / "checkpoint.pt")
@@ -320,9 +389,54 @@ class Trainer:
         for sae, opt, sd, od in zip(self.saes, self.opts, blob["saes"], blob["opts"], strict=True):
             sae.load_state_dict(sd)
             opt.load_state_dict(od)
-        for state, lf, hist in zip(self.states, blob["last_fired"], json.loads(blob["history"]), strict=True):
-            state.last_fired, state.history = lf, hist
+        resampled = json.loads(blob.get("resampled", "null")) or [[] for _ in self.states]
+        for state, lf, hist, rs in zip(self.states, blob["last_fired"], json.loads(blob["history"]), resampled,
+                                       strict=True):
+            state.last_fired, state.history, state.resampled = lf, hist, rs
         self.log(f"resumed from {path} at step {self.step}")
+
+
+def auxk_loss(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, k_aux: int | None = None
+              ) -> torch.Tensor:
+    """Gao et al.'s auxiliary loss: ||e - e_hat||^2 (mean over rows), e = x - x_hat held fixed, e_hat decoded
+    (without b_dec) from the k_aux largest ReLU'd pre-activations among the `dead` latents; 0 when none is dead."""
+    index = torch.nonzero(dead).flatten()
+    if index.numel() == 0:
+        return x.new_zeros(())
+    k_aux = min(k_aux or max(1, sae.d_in // 2), index.numel())
+    pre = x @ sae.W_enc[:, index] + sae.b_enc[index]
+    values, top = pre.topk(k_aux, dim=1)
+    z = torch.zeros_like(pre).scatter(1, top, torch.relu(values))
+    e_hat = z @ sae.W_dec[index]
+    return (e_hat - (x - x_hat).detach()).pow(2).sum(1).mean()
+
+
+def resample_latents(sae: SAE, opt: torch.optim.Optimizer, latents: torch.Tensor, inputs: torch.Tensor) -> None:
+    """Point `latents` at `inputs` (one row each, in training units) as Anthropic's resampling does, and zero their
+    Adam moments: decoder row v = (x - b_dec)/||x - b_dec||, encoder column 0.2 * mean live encoder norm * v,
+    bias so that pre = (x - b_dec) . W_enc, JumpReLU threshold half the pre-activation on its input."""
+    with torch.no_grad():
+        v = inputs - sae.b_dec
+        v /= v.norm(dim=1, keepdim=True).clamp(min=1e-8)
+        live = torch.ones(sae.d_sae, dtype=torch.bool)
+        live[latents] = False
+        norm = float(sae.W_enc[:, live].norm(dim=0).mean()) if bool(live.any()) else 1.0
+        sae.W_dec[latents] = v
+        sae.W_enc[:, latents] = (0.2 * norm * v).t()
+        sae.b_enc[latents] = -(sae.b_dec @ sae.W_enc[:, latents])
+        if isinstance(sae, JumpReLUSAE):
+            pre = ((inputs - sae.b_dec) * sae.W_enc[:, latents].t()).sum(1)
+            sae.threshold[latents] = (0.5 * pre).clamp(min=1e-6)
+    for name, param in sae.named_parameters():
+        state = opt.state.get(param)
+        if not state:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                if name == "W_enc":
+                    state[key][:, latents] = 0
+                elif name in ("W_dec", "b_enc", "threshold"):
+                    state[key][latents] = 0
 
 
 def _ctor_args(sae: SAE) -> dict:

@@ -12,6 +12,11 @@ from pathlib import Path
 
 from gemmakit.cli import add_model_argument, load_model
 
+TRAINING_NEEDS_FLOAT = ("training needs float weights: gradients flow through every linear layer (LoRA adapters wrap "
+                        "float ones), which int8 weights do not support")
+EXPORT_NEEDS_FLOAT = ("export writes float weights (or re-quantises them for GGUF), so it reads them unrounded; the "
+                      "int8 path would round them first")
+
 
 def _add_train_arguments(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("data", help="JSONL: one {'messages': [...]}, {'prompt', 'completion'} or {'text'} per line")
@@ -152,13 +157,13 @@ def register(verbs: argparse._SubParsersAction) -> None:
     kinds = train.add_subparsers(dest="train_verb", required=True, metavar="KIND")
 
     sft = kinds.add_parser("sft", help="supervised fine-tuning, loss on answer tokens only")
-    add_model_argument(sft)
+    add_model_argument(sft, float_reason=TRAINING_NEEDS_FLOAT)
     _add_train_arguments(sft, lr=2e-4)
     _add_lora_arguments(sft, default_on=True)
     sft.set_defaults(run=cmd_sft)
 
     distill = kinds.add_parser("distill", help="distil a teacher into MODEL (offline top-k or on-policy GKD)")
-    add_model_argument(distill)
+    add_model_argument(distill, float_reason=TRAINING_NEEDS_FLOAT)
     _add_train_arguments(distill, lr=1e-4)
     distill.add_argument("--teacher", default=None, help="teacher model (needed unless --topk-file exists)")
     distill.add_argument("--mode", default="offline", choices=["offline", "gkd"])
@@ -182,7 +187,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     merge.set_defaults(run=cmd_merge)
 
     export = verbs.add_parser("export", help="save a model as an HF directory or a GGUF file")
-    add_model_argument(export)
+    add_model_argument(export, float_reason=EXPORT_NEEDS_FLOAT)
     export.add_argument("out", help="output directory (hf) or .gguf file (gguf)")
     export.add_argument("--format", default="hf", choices=["hf", "gguf"])
     export.add_argument("--type", default="F16", choices=["F32", "F16", "BF16", "Q8_0"], help="GGUF weight type")

@@ -74,3 +74,41 @@ def test_train_agile_then_classify_with_the_adapter(tmp_path, monkeypatch, capsy
     assert main(["classify", "tiny", "--adapter", str(out), "some text"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert list(record["scores"]) == ["agile"] and 0 < record["max"] < 1
+
+
+def _openai_file(tmp_path):
+    """OpenAI moderation lines: 2 fully annotated, 2 with categories left out (one of them positive)."""
+    full = {c: 0 for c in ("S", "H", "V", "HR", "SH", "S3", "H2", "V2")}
+    rows = [{"prompt": "fine text one", **full}, {"prompt": "awful text two", **full, "H": 1},
+            {"prompt": "fine text three", "S": 0}, {"prompt": "awful text four", "V": 1}]
+    path = tmp_path / "samples-4.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_safety_on_openai_moderation_uses_the_papers_binary_rule_or_the_strict_one(tmp_path, capsys):
+    data = _openai_file(tmp_path)
+    assert main(["eval-safety", "tiny", str(data), "--policy", "hate", "--as-response"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 4 and report["positives"] == 2
+    assert main(["eval-safety", "tiny", str(data), "--policy", "hate", "--label-rule", "strict"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["n"] == 3 and "dropped 1 of 4 texts" in err
+    assert main(["eval-safety", "tiny", str(data), "--policy", "hate", "--category", "H"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 2  # per category: unannotated texts are skipped
+
+
+def test_train_agile_on_openai_moderation_uses_the_same_rule(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gemmakit.train.lora", reason="LoRA (gemmakit.train.lora) is not available")
+    own = SimpleNamespace(module=tiny_model("gemma2", tmp_path / "m"), tokenizer=WordTokenizer())
+    monkeypatch.setattr(safety_cli, "load_model", lambda args: own)
+    data = _openai_file(tmp_path)
+    assert main(["safety", "train-agile", "tiny", str(data), str(tmp_path / "a"), "--labels", "No,Yes", "--epochs",
+                 "1", "--quiet"]) == 0
+    assert "[trained on 4 examples" in capsys.readouterr().err
+    fresh = SimpleNamespace(module=tiny_model("gemma2", tmp_path / "m2"), tokenizer=WordTokenizer())
+    monkeypatch.setattr(safety_cli, "load_model", lambda args: fresh)  # adapters go on a model without any
+    assert main(["safety", "train-agile", "tiny", str(data), str(tmp_path / "b"), "--labels", "No,Yes", "--epochs",
+                 "1", "--quiet", "--label-rule", "strict"]) == 0
+    err = capsys.readouterr().err
+    assert "[trained on 3 examples" in err and "dropped 1 of 4 texts" in err

@@ -96,16 +96,28 @@ def test_jsonl_reader(tmp_path):
         datasets.read_jsonl(path)
 
 
-def test_openai_moderation_missing_label_is_unknown(tmp_path):
+def test_openai_moderation_binary_label_is_the_papers_and_strict_drops_what_it_says(tmp_path, caplog):
+    """Binary: 1 if any annotated category is 1, else 0, on every text (ShieldGemma's protocol); per category:
+    None where unannotated; strict: texts with no positive and an unannotated category are dropped, and said so."""
     full = dict.fromkeys(datasets.MODERATION_CATEGORIES, 0)
     rows = [{"prompt": "p1", **full}, {"prompt": "p2", "S": 0, "H": 1}, {"prompt": "p3", "S": 0},
-            {"prompt": "p4", **full, "V2": 1}]
+            {"prompt": "p4", **full, "V2": 1}, {"prompt": "p5", "H": 0, "V": None}]
     path = tmp_path / "samples.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.write("\n".join(json.dumps(r) for r in rows))
     assert datasets.detect_format(path) == "openai"
-    assert [e.label for e in datasets.read_dataset(path)] == [0, 1, None, 1]
-    assert [e.label for e in datasets.read_openai_moderation(path, category="H")] == [0, 1, None, 0]
+    assert [e.label for e in datasets.read_dataset(path)] == [0, 1, 0, 1, 0]
+    assert [e.label for e in datasets.read_openai_moderation(path, category="H")] == [0, 1, None, 0, 0]
+    assert [e.label for e in datasets.read_dataset(path, category="V")] == [0, None, None, 0, None]
+    with caplog.at_level("WARNING", logger="gemmakit.safety"):
+        strict = datasets.read_dataset(path, label_rule="strict")
+    assert [(e.prompt, e.label) for e in strict] == [("p1", 0), ("p2", 1), ("p4", 1)]
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "dropped 2 of 5 texts" in message and "H2 x2" in message and "H x1" in message and "S x1" in message
+    with pytest.raises(InputError, match="label rule"):
+        datasets.read_openai_moderation(path, label_rule="loose")
+    with pytest.raises(InputError, match="OpenAI moderation files only"):
+        datasets.read_dataset(_write_jsonl(tmp_path), category="S")
     with pytest.raises(InputError, match="category"):
         datasets.read_openai_moderation(path, category="Q")
 
@@ -151,3 +163,9 @@ def test_shared_harmbench():
     got = datasets.read_dataset(SHARED / "harmbench_behaviors_text_all.csv")
     assert len(got) == 400 and all(e.label == 1 for e in got)
     assert sum("\n\n---\n\n" in e.prompt for e in got) == 100  # the contextual behaviours
+
+
+def _write_jsonl(tmp_path):
+    path = tmp_path / "plain.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n')
+    return path
