@@ -34,6 +34,8 @@ async def metrics(request: Request) -> Response:
 async def moderations(request: Request) -> dict[str, Any]:
     state = request.app.state.serve.ready_state()
     body = schema.parse_json(await request.body())
+    if state.moderator is None:
+        raise bad_request(state.moderation_missing or "moderation is off", None, "moderation_unavailable")
     model = schema.string(body, "model")
     if not state.moderator.accepts_model(model):
         raise model_not_found(model or "", state.moderator.name)

@@ -20,7 +20,10 @@ from gemmakit.serve.options import ServeOptions
 
 
 def build_moderator(gemma: Any, options: ServeOptions, moderation_model: Any | None,
-                    lock: threading.Lock) -> Moderator:
+                    lock: threading.Lock) -> Moderator | str:
+    """The moderator, or why there is none (a vocabulary without single-token Yes/No cannot be prompted the
+    ShieldGemma way): the server then runs without /v1/moderations, which answers with that reason."""
+    from gemmakit.errors import GemmaKitError
     from gemmakit.safety import ShieldClassifier
 
     model = moderation_model if moderation_model is not None else gemma
@@ -31,7 +34,13 @@ def build_moderator(gemma: Any, options: ServeOptions, moderation_model: Any | N
         base = model if moderation_model is not None else load(gemma.source)
         classifier = AgileClassifier.load(base, options.moderation_adapter)
         return Moderator(classifier, classifier.config.name, None, lock)
-    classifier = ShieldClassifier(model, policies=options.moderation_policies, threshold=options.moderation_threshold)
+    try:
+        classifier = ShieldClassifier(model, policies=options.moderation_policies,
+                                      threshold=options.moderation_threshold)
+    except GemmaKitError as e:
+        if options.guard or options.moderation_model:  # asked for explicitly: refuse to start without it
+            raise
+        return f"moderation is not available with this model: {e}"
     name = options.moderation_model or options.model_name
     return Moderator(classifier, str(name), model, lock)
 

@@ -26,6 +26,7 @@ class ServeState:
         self.gemma: Any = None
         self.backend: Backend | None = None
         self.moderator: Any = None
+        self.moderation_missing: str | None = None
         self.guard: Any = None
         self.token_text: TokenText | None = None
         self.created = int(time.time())
@@ -45,8 +46,9 @@ class ServeState:
         lock = threading.Lock()  # classifier forwards run one at a time (they share the CPU with decoding)
         self.gemma = gemma
         self.token_text = TokenText(gemma.tokenizer)
-        self.moderator = build_moderator(gemma, self.options, moderation_model, lock)
-        self.guard = build_guard(self.moderator, self.options, lock)
+        moderator = build_moderator(gemma, self.options, moderation_model, lock)
+        self.moderator, self.moderation_missing = (None, moderator) if isinstance(moderator, str) else (moderator, None)
+        self.guard = build_guard(self.moderator, self.options, lock) if self.moderator is not None else None
         self.backend = Backend(gemma, self.options)
         self.ready = True
         log.info("ready: %s (%d slots, context %d)", self.options.model_name, self.options.slots,

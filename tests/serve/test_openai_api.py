@@ -182,6 +182,10 @@ def test_moderations_match_the_classifier(client, real_gemma):
         assert result.flagged == any(v >= 0.5 for v in scores.values())
     single = client.moderations.create(input="hello", model="omni-moderation-latest")
     assert len(single.results) == 1
+    with pytest.raises(openai.BadRequestError):
+        client.moderations.create(input=5)  # type: ignore[arg-type]
+    with pytest.raises(openai.NotFoundError):
+        client.moderations.create(input="x", model="gpt-9")
 
 
 def test_tokenize_detokenize_models_health_metrics(server, real_gemma):
