@@ -68,10 +68,11 @@ class Run:
     """The choices of one request; iterate `deltas()` once. Usage counts are complete when it ends."""
 
     def __init__(self, choices: list[ChoiceSpec], tokenizer: Any, token_text: TokenText, stops: list[str],
-                 logprobs: int | None, metrics: Any, guard: ServeGuard | None, guard_prompt: str | None) -> None:
+                 logprobs: int | None, metrics: Any, guard: ServeGuard | None, guard_prompt: str | None,
+                 prompt_verdict: Any = None) -> None:
         self.choices, self.tokenizer, self.token_text = choices, tokenizer, token_text
         self.stops, self.logprobs, self.metrics = stops, logprobs, metrics
-        self.guard, self.guard_prompt = guard, guard_prompt
+        self.guard, self.guard_prompt, self.prompt_verdict = guard, guard_prompt, prompt_verdict
         self.completion_tokens = 0
 
     def cancel(self) -> None:
@@ -166,7 +167,9 @@ class Run:
                 queue.put_nowait(Delta(spec.index, tail, []))
         if finish == "content_filter" and self.metrics is not None:
             self.metrics.guard_blocks.labels(stage="response").inc()
-        verdicts = [r.to_dict() for r in screen.results] if screen is not None else None
+        verdicts = None
+        if screen is not None:  # the prompt's screening (passed), then every screening of this answer
+            verdicts = [r.to_dict() for r in ([self.prompt_verdict] if self.prompt_verdict else []) + screen.results]
         queue.put_nowait(Delta(spec.index, "", [], finish, verdicts))
 
 

@@ -208,13 +208,14 @@ class _Exchange:
     async def respond(self, request: Request, prompts: list[list[int]], budgets: list[int],
                       guard_prompt: str | None) -> Any:
         state = self.state
+        screened = None
         if state.guard is not None and guard_prompt is not None:
-            result = await state.guard.screen_prompt(guard_prompt)
-            if result is not None and result.blocked:
-                return self.refusal(result)
+            screened = await state.guard.screen_prompt(guard_prompt)
+            if screened is not None and screened.blocked:
+                return self.refusal(screened)
         choices = await _submit(state, prompts, budgets, self.params)
         run = Run(choices, state.gemma.tokenizer, state.token_text, self.params.stop, self.params.logprobs,
-                  state.metrics, state.guard, guard_prompt)
+                  state.metrics, state.guard, guard_prompt, screened)
         if self.params.stream:
             return self.stream(run, choices)
         return await self.whole(request, run, choices)
