@@ -112,10 +112,14 @@ def test_integrated_gradients_complete_and_equal_captum(models, family):
     model, root = models[0][family], models[1]
     _, ids, span = _problem(model, None)
     pad = model.tokenizer.pad_id
-    attr, info = integrated_gradients(model.module, ids, span, pad, DEFAULT_STEPS)
-    assert info["completeness_error"] <= 0.01
+    attr, info = integrated_gradients(model.module, ids, span, pad)  # the defaults
+    assert info["completeness_error"] <= 0.01 and info["steps_used"] >= DEFAULT_STEPS
     assert abs(float(attr.sum()) - (info["f_input"] - info["f_baseline"])) <= 0.01 * abs(
         info["f_input"] - info["f_baseline"])
+    # one interval and no refinement is captum's Gauss-Legendre rule
+    attr, info = integrated_gradients(model.module, ids, span, pad, DEFAULT_STEPS, intervals=1,
+                                      max_steps=DEFAULT_STEPS)
+    assert info["steps_used"] == DEFAULT_STEPS
 
     x = input_embeddings(model.module, ids, span)
     with torch.no_grad():
@@ -131,6 +135,19 @@ def test_integrated_gradients_complete_and_equal_captum(models, family):
     ref = LayerIntegratedGradients(_hf_logprob(hf, ids, span), hf.get_input_embeddings()).attribute(
         inputs, base_ids, method="gausslegendre", n_steps=DEFAULT_STEPS, internal_batch_size=16)[0].sum(-1)
     assert torch.allclose(attr, ref.detach(), rtol=0, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_refinement_splits_the_worst_interval_until_complete(models):
+    """With a rule too coarse to start with (2 intervals of 1 node), splitting brings completeness within 1%."""
+    model = models[0]["gemma3"]
+    _, ids, span = _problem(model, None)
+    pad = model.tokenizer.pad_id
+    _, coarse = integrated_gradients(model.module, ids, span, pad, steps=2, intervals=2, max_steps=2)
+    _, refined = integrated_gradients(model.module, ids, span, pad, steps=2, intervals=2, max_steps=400)
+    assert coarse["completeness_error"] > 0.01 >= refined["completeness_error"]
+    splits = refined["intervals"] - 2
+    assert splits > 0 and refined["steps_used"] == 2 + 2 * splits  # each split evaluates two new halves
+    assert refined["f_input"] == pytest.approx(coarse["f_input"])
 
 
 def test_quantised_model_gets_gradients_from_a_float_copy_of_its_source(tmp_path):
