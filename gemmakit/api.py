@@ -16,7 +16,7 @@ from gemmakit.chat import render_chat
 from gemmakit.config import GemmaConfig
 from gemmakit.decoding import DecoderChoice, Request, Sampling, Scheduler, choose_decoder
 from gemmakit.errors import InputError
-from gemmakit.loader import DTYPES, build_model, check_dtype, read_checkpoint
+from gemmakit.loader import load_model
 from gemmakit.model import Transformer
 from gemmakit.tokenizer import Tokenizer
 
@@ -186,63 +186,6 @@ def load(path_or_name: str | Path = "default", dtype: str | torch.dtype | None =
 
 def _load(path_or_name: str | Path, dtype: str | torch.dtype | None, device: str, force_fp16: bool,
           quant: str | None, cache: bool) -> Gemma:
-    from gemmakit.quant import has_fast_bf16
-    from gemmakit.weights import converted
-
-    if quant == "auto":
-        fast_cpu = device == "cpu" and has_fast_bf16()
-        quant = "int8-rescore" if dtype is None and fast_cpu and _is_gguf(path_or_name) else None
-    if dtype is None:
-        dtype = "float32"
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise InputError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    if str(path_or_name) != "default" and converted.is_converted(path_or_name):
-        return _load_converted(Path(path_or_name), device)
-    if quant is not None:
-        from gemmakit.loader import resolve
-        from gemmakit.quant import scheme
-
-        scheme(quant)
-        if device != "cpu":
-            raise InputError(f"quant={quant!r} uses torch's CPU kernels; use device='cpu', or quant=None with "
-                             "dtype='bfloat16' on a GPU")
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise InputError(f"quant={quant!r} runs with bf16 activations; dtype={dtype} cannot be combined with it")
-        source = resolve(path_or_name)
-        if cache:
-            return _load_converted(converted.cached(source, quant), device)
-        return _quantize_in_memory(source, quant)
-    checkpoint = read_checkpoint(path_or_name)
-    check_dtype(checkpoint.config, dtype, force_fp16)
-    module = build_model(checkpoint.config, checkpoint.state, dtype, checkpoint.source, device)
-    return Gemma(module, checkpoint.tokenizer, checkpoint.source, checkpoint.tensor_types)
-
-
-def _load_converted(path: Path, device: str) -> Gemma:
-    from gemmakit.weights import converted
-
-    if device != "cpu":
-        raise InputError(f"{path}: a converted (quantised) model runs on CPU only; got device={device!r}")
-    module, tokenizer, source, types = converted.load(path)
-    return Gemma(module, tokenizer, source, types)
-
-
-def _quantize_in_memory(source: Path, quant: str) -> Gemma:
-    from gemmakit.quant import quantize_model
-
-    checkpoint = read_checkpoint(source)
-    module = build_model(checkpoint.config, checkpoint.state, torch.float32, checkpoint.source)
-    del checkpoint.state
-    return Gemma(quantize_model(module, quant), checkpoint.tokenizer, checkpoint.source, checkpoint.tensor_types)
-
-
-def _is_gguf(path_or_name: str | Path) -> bool:
-    from gemmakit.loader import resolve
-
-    path = resolve(path_or_name)
-    if path.is_dir():
-        return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+    """The model `load` returns, before its decoder is chosen: `loader.load_model` resolves, reads and builds."""
+    loaded = load_model(path_or_name, dtype, device, force_fp16, quant, cache)
+    return Gemma(loaded.module, loaded.tokenizer, loaded.source, loaded.tensor_types)

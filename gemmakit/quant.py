@@ -379,34 +379,32 @@ def weight_bytes_per_token(model: nn.Module, ranked: bool = False) -> int:
     return total
 
 
-def build_quantized(config, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """A quantised `Transformer` from the state dict of one (as saved by `gemmakit.weights.converted`).
+def is_quantized_state(state: dict[str, torch.Tensor]) -> bool:
+    """True for the state dict of a quantised model (int8/int4 buffers, as `quantize_model` leaves them)."""
+    return any(k.endswith((".weight_int8", ".weight_int4")) for k in state)
 
-    The kind of each linear is read from its buffer names (`weight_int8`, `weight_int4`, or a plain `weight`),
-    so the file alone says how the model was converted.
+
+def install_quantized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give a (meta) `Transformer` the quantised modules `state` holds, so that `load_state_dict` can fill it.
+
+    The kind of each linear is read from its buffer names (`weight_int8`, `weight_int4`, or a plain `weight`), and
+    the activation dtype from the scales, so the state alone says how the model was converted. Used by the one
+    builder, `gemmakit.loader.build_model`.
     """
-    from gemmakit.loader import _rope_buffer
-    from gemmakit.model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(config)
     for i, block in enumerate(model.model.layers):
         for part, parent in (("self_attn", block.self_attn), ("mlp", block.mlp)):
             for name in LINEAR_NAMES:
                 if getattr(parent, name, None) is not None:
                     setattr(parent, name, _linear_from_state(state, f"model.layers.{i}.{part}.{name}"))
     if "model.embed_tokens.weight" not in state:
+        table = _linear_from_state(state, "model.embed_tokens.table")
+        dtype = table.scales.dtype if isinstance(table, Int8Linear) else table.scales_zeros.dtype
         coarse = ranker = None
         if any(k.startswith("model.embed_tokens.coarse.") for k in state):
             coarse = _linear_from_state(state, "model.embed_tokens.coarse")
         if "model.embed_tokens.ranker.planes" in state:
             ranker = Int3Ranker(state["model.embed_tokens.ranker.planes"])
-        model.model.embed_tokens = QuantEmbedding(_linear_from_state(state, "model.embed_tokens.table"), dtype, coarse,
-                                                  ranker)
-    model.load_state_dict(state, assign=True, strict=True)
-    model.inv_freq_local = _rope_buffer(config, local=True, device="cpu")
-    model.inv_freq_global = _rope_buffer(config, local=False, device="cpu")
-    return model.eval().requires_grad_(False)
+        model.model.embed_tokens = QuantEmbedding(table, dtype, coarse, ranker)
 
 
 def _linear_from_state(state: dict[str, torch.Tensor], prefix: str) -> nn.Module:
@@ -415,6 +413,8 @@ def _linear_from_state(state: dict[str, torch.Tensor], prefix: str) -> nn.Module
     if f"{prefix}.weight_int4" in state:
         packed, sz = state[f"{prefix}.weight_int4"], state[f"{prefix}.scales_zeros"]
         return Int4Linear(packed, sz, packed.shape[1] // sz.shape[0])
-    w = state[f"{prefix}.weight"]
+    w = state.get(f"{prefix}.weight")
+    if w is None:
+        raise KeyError(f"{prefix}.weight")  # the builder reports it with the file's name
     with torch.device("meta"):
         return nn.Linear(w.shape[1], w.shape[0], bias=False)

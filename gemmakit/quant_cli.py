@@ -8,10 +8,9 @@ from gemmakit.quant import SCHEMES
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from gemmakit.loader import resolve
-    from gemmakit.weights.converted import convert
+    from gemmakit.loader import convert
 
-    out = convert(resolve(args.model), args.quant, args.out, progress=not args.quiet)
+    out = convert(args.model, args.quant, args.out, progress=not args.quiet)
     print(out)
     return 0
 

@@ -3,6 +3,8 @@
 Reading a GGUF means dequantising k-quants in numpy and re-quantising for torch's kernels: tens of seconds.
 The result is saved once as safetensors (the tensors exactly as the quantised module holds them, plus the
 config, the scheme and the tokenizer's GGUF metadata in the header), so a later load only maps a file.
+This module knows the file and where the cache keeps it; it neither builds nor quantises models (the one
+pipeline that does is `gemmakit.loader`).
 
 Cache key: a fingerprint of the source, sha256 over (size, mtime, first MiB, last MiB), not a hash of the
 whole file. A full sha256 of a 250 MB GGUF costs about a second per load (more on a busy machine) and would
@@ -18,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ import numpy as np
 import torch
 
 from gemmakit.config import GemmaConfig
-from gemmakit.errors import FormatError, InputError
+from gemmakit.errors import FormatError
 from gemmakit.weights.aligned_safetensors import save_aligned, without_padding
+from gemmakit.weights.source import Checkpoint
 
 FORMAT_VERSION = "3"  # 2: tensors 64-byte aligned (used in place from the memory map); 3: + the 3-bit ranker
 _EDGE = 1 << 20
@@ -55,10 +57,12 @@ def fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def cache_path(source: str | Path, scheme_name: str) -> Path:
-    """Where the conversion of `source` to `scheme_name` lives in the cache."""
+def cache_path(source: str | Path, scheme_name: str, digest: str | None = None) -> Path:
+    """Where the conversion of `source` to `scheme_name` lives in the cache (`digest`: its fingerprint, when the
+    caller has it)."""
     source = Path(source)
-    return cache_root() / f"{source.stem}-{scheme_name}-{fingerprint(source)[:20]}-v{FORMAT_VERSION}.safetensors"
+    digest = digest or fingerprint(source)
+    return cache_root() / f"{source.stem}-{scheme_name}-{digest[:20]}-v{FORMAT_VERSION}.safetensors"
 
 
 def _jsonable(value: Any) -> Any:
@@ -73,35 +77,26 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def tokenizer_metadata(source: Path) -> dict[str, Any] | None:
-    """The `tokenizer.*` keys of a GGUF file (enough to rebuild its tokenizer), or None for other formats."""
-    with open(source, "rb") as f:
-        if source.is_dir() or f.read(4) != b"GGUF":
-            return None
-    from gemmakit.weights.gguf_reader import GGUFFile
-
-    with GGUFFile(source) as g:
-        return {k: _jsonable(v) for k, v in g.metadata.items() if k.startswith("tokenizer.")}
-
-
-def save(module: torch.nn.Module, path: str | Path, scheme_name: str, source: str | Path,
-         tensor_types: dict[str, str] | None = None) -> Path:
-    """Write a quantised module as safetensors; the header carries what `load` needs to rebuild it."""
-
+def save(path: str | Path, state: dict[str, torch.Tensor], config: GemmaConfig, scheme_name: str,
+         source: str | Path, tensor_types: dict[str, str] | None = None,
+         tokenizer_metadata: dict[str, Any] | None = None, digest: str | None = None) -> Path:
+    """Write a quantised model's state dict as aligned safetensors, atomically; the header carries what `read`
+    needs to rebuild it: config, scheme, source and its fingerprint (`digest`, computed when not given), tensor
+    types, and a GGUF source's `tokenizer.*` keys (other sources' tokenizers are read from beside the source)."""
     path, source = Path(path), Path(source)
-    config = dataclasses.asdict(module.config)
-    config.pop("extra", None)
-    tok = tokenizer_metadata(source) if not source.is_dir() else None
+    fields = dataclasses.asdict(config)
+    fields.pop("extra", None)
+    tok = {k: _jsonable(v) for k, v in tokenizer_metadata.items()} if tokenizer_metadata is not None else None
     meta = {
         "gemmakit.format": FORMAT_VERSION,
         "gemmakit.scheme": scheme_name,
-        "gemmakit.config": json.dumps(config),
+        "gemmakit.config": json.dumps(fields),
         "gemmakit.source": str(source.resolve()),
-        "gemmakit.fingerprint": fingerprint(source),
+        "gemmakit.fingerprint": digest or fingerprint(source),
         "gemmakit.tensor_types": json.dumps(tensor_types or {}),
         "gemmakit.tokenizer": json.dumps(tok) if tok is not None else "",
     }
-    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    state = {k: v.contiguous() for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_aligned(state, tmp, meta)
@@ -110,42 +105,54 @@ def save(module: torch.nn.Module, path: str | Path, scheme_name: str, source: st
 
 
 def read_header(path: str | Path) -> dict[str, str]:
-    from safetensors import safe_open
+    """The gemmakit metadata of a converted file; a FormatError for any other safetensors file or format."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("gemmakit.format") != FORMAT_VERSION:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise FormatError(f"{path}: not a readable safetensors file: {e}") from e
+    if "gemmakit.format" not in meta:
+        raise FormatError(f"{path}: a safetensors file without gemmakit's conversion header; to load an HF "
+                          "checkpoint give its directory (config.json, tokenizer and weights together)")
+    if meta["gemmakit.format"] != FORMAT_VERSION:
         raise FormatError(f"{path}: not a gemmakit converted model of format v{FORMAT_VERSION} "
                           f"(found {meta.get('gemmakit.format')!r}); re-create it with `gemmakit quantize`")
     return meta
 
 
-def load(path: str | Path):
-    """(module, tokenizer, source, tensor_types) from a converted file; tensors are memory-mapped."""
+def read_config(meta: dict[str, str] | Any) -> GemmaConfig:
+    """The `GemmaConfig` stored in a converted file's header."""
+    cfg = json.loads(meta["gemmakit.config"])
+    cfg["layer_types"] = tuple(cfg["layer_types"])
+    return GemmaConfig(**cfg)
+
+
+def read(path: str | Path, header: dict[str, str] | Any | None = None) -> Checkpoint:
+    """The checkpoint a converted file holds: the quantised modules' tensors memory-mapped, the config, scheme
+    and tensor types from the header, the tokenizer from the stored GGUF keys (or from beside the source).
+    `header`: the file's metadata when the caller has already read it (`resolve_source` does)."""
     from safetensors.torch import load_file
 
-    from gemmakit.quant import build_quantized
     from gemmakit.tokenizer import Tokenizer
 
     path = Path(path)
-    meta = read_header(path)
-    cfg = json.loads(meta["gemmakit.config"])
-    cfg["layer_types"] = tuple(cfg["layer_types"])
-    config = GemmaConfig(**cfg)
+    meta = header if header is not None else read_header(path)
+    config = read_config(meta)
     # the file's tensors are 64-byte aligned (see aligned_safetensors), so they are used in place from the
     # memory map; a tensor that is not (a file written by another tool) is copied rather than risk torch's
     # int8/int4 kernels on a misaligned pointer (a SIGSEGV with torch 2.13)
     state = {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in without_padding(load_file(str(path))).items()}
-    module = build_quantized(config, state)
-    module.quant_scheme = meta["gemmakit.scheme"]
     source = Path(meta["gemmakit.source"])
     if meta["gemmakit.tokenizer"]:
         tokenizer = Tokenizer.from_gguf_metadata(json.loads(meta["gemmakit.tokenizer"]), source=str(path))
-    elif source.is_dir():
-        tokenizer = Tokenizer.from_dir(source)
+    elif source.is_dir() or source.parent.is_dir():
+        tokenizer = Tokenizer.from_dir(source if source.is_dir() else source.parent)
     else:
-        raise FormatError(f"{path}: holds no tokenizer and its source {source} is not an HF directory")
-    return module, tokenizer, source, json.loads(meta["gemmakit.tensor_types"])
+        raise FormatError(f"{path}: holds no tokenizer and the directory of its source {source} is gone")
+    return Checkpoint(config, state, tokenizer, source, json.loads(meta["gemmakit.tensor_types"]),
+                      scheme=meta["gemmakit.scheme"])
 
 
 def is_converted(path: str | Path) -> bool:
@@ -160,43 +167,12 @@ def is_converted(path: str | Path) -> bool:
     return True
 
 
-def convert(source: str | Path, scheme_name: str, out: str | Path | None = None, progress: bool = True) -> Path:
-    """Read `source`, quantise it to `scheme_name` (tqdm bar per tensor), save to `out` or the cache."""
-    from tqdm import tqdm
-
-    from gemmakit.loader import build_model, read_checkpoint
-    from gemmakit.quant import count_convertible, quantize_model, scheme
-
-    scheme(scheme_name)  # validate before the slow read
-    source = Path(source)
-    out = Path(out) if out is not None else cache_path(source, scheme_name)
-    if out.is_dir() or out.suffix != ".safetensors":
-        raise InputError(f"{out}: the output must be a file name ending in .safetensors")
-    start = time.perf_counter()
-    checkpoint = read_checkpoint(source)
-    module = build_model(checkpoint.config, checkpoint.state, torch.float32, checkpoint.source)
-    del checkpoint.state
-    with tqdm(total=count_convertible(module), desc=f"converting to {scheme_name}", unit="tensor",
-              disable=not progress, leave=False) as bar:
-        quantize_model(module, scheme_name, progress=bar.update)
-    save(module, out, scheme_name, source, checkpoint.tensor_types)
-    if progress:
-        print(f"[gemmakit: converted {source.name} to {scheme_name} in {time.perf_counter() - start:.0f} s, "
-              f"saved {out}]")
-    return out
-
-
-def cached(source: str | Path, scheme_name: str, progress: bool = True) -> Path:
-    """The cached conversion of `source`, created on first use. Conversions of the same file to the same scheme
-    in older formats are then deleted: each is a full copy of the weights that nothing reads any more."""
-    path = cache_path(source, scheme_name)
-    if path.exists():
-        return path
-    path = convert(source, scheme_name, path, progress)
+def remove_older_formats(path: Path, progress: bool = True) -> None:
+    """Delete the same conversion (same source name, scheme and fingerprint) in older formats: each is a full copy
+    of the weights that nothing reads any more. Other sources' files are left alone."""
     prefix = path.name[:path.name.rindex("-v") + 2]
     for old in path.parent.glob(f"{prefix}*.safetensors"):
         if old != path:
             old.unlink(missing_ok=True)
             if progress:
                 print(f"[gemmakit: removed {old.name}, an older format of the same conversion]")
-    return path

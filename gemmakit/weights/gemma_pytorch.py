@@ -14,6 +14,7 @@ import torch
 from gemmakit.config import PRESETS, GemmaConfig
 from gemmakit.errors import ConfigError, FormatError
 from gemmakit.tokenizer import Tokenizer
+from gemmakit.weights.source import Checkpoint
 
 _RENAMES = {"embedder.weight": "model.embed_tokens.weight", ".self_attn.query_norm.": ".self_attn.q_norm.",
             ".self_attn.key_norm.": ".self_attn.k_norm."}
@@ -67,7 +68,8 @@ def to_canonical(state: dict[str, torch.Tensor], config: GemmaConfig) -> dict[st
     return out
 
 
-def read(path: str | Path) -> tuple[GemmaConfig, dict[str, torch.Tensor], Tokenizer, dict[str, str]]:
+def read(path: str | Path) -> Checkpoint:
+    """The canonical state dict, the config (beside the file, or recognised), the tokenizer beside the file."""
     path = Path(path)
     state = load_raw(path)
     if "embedder.weight" not in state:
@@ -76,4 +78,4 @@ def read(path: str | Path) -> tuple[GemmaConfig, dict[str, torch.Tensor], Tokeni
     config = GemmaConfig.from_hf_config(beside) if beside.exists() else infer_config(state, path)
     canonical = to_canonical(state, config)
     types = {name: str(t.dtype).removeprefix("torch.") for name, t in canonical.items()}
-    return config, canonical, Tokenizer.from_dir(path.parent), types
+    return Checkpoint(config, canonical, Tokenizer.from_dir(path.parent), path, types)

@@ -15,6 +15,7 @@ from gemmakit.config import GemmaConfig
 from gemmakit.errors import FormatError
 from gemmakit.tokenizer import Tokenizer
 from gemmakit.weights.gguf_reader import GGUFFile
+from gemmakit.weights.source import Checkpoint
 
 _COMMON = {
     "attn_norm": "input_layernorm",
@@ -63,12 +64,14 @@ def gguf_name(hf: str, family: str) -> str:
     return f"blk.{layer}.{inverse[rest.removesuffix('.weight')]}.weight"
 
 
-def read(path: str | Path) -> tuple[GemmaConfig, dict[str, torch.Tensor], Tokenizer, dict[str, str]]:
-    """(config, fp32 state dict in canonical names, tokenizer, canonical name -> GGUF tensor type)."""
+def read(path: str | Path) -> Checkpoint:
+    """The fp32 state dict in canonical names, the config and tokenizer from the metadata, each tensor's GGUF type
+    (by canonical name), and the `tokenizer.*` keys (a converted file stores them)."""
     path = Path(path)
     with GGUFFile(path) as f:
         config = GemmaConfig.from_gguf_metadata(f.metadata, source=str(path))
         tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=str(path))
+        tokenizer_metadata = {k: v for k, v in f.metadata.items() if k.startswith("tokenizer.")}
         state: dict[str, torch.Tensor] = {}
         types: dict[str, str] = {}
         for name, info in f.tensors.items():
@@ -84,4 +87,4 @@ def read(path: str | Path) -> tuple[GemmaConfig, dict[str, torch.Tensor], Tokeni
             types[canon] = info.type_name
     if "model.embed_tokens.weight" not in state:
         raise FormatError(f"{path}: no token_embd.weight tensor")
-    return config, state, tokenizer, types
+    return Checkpoint(config, state, tokenizer, path, types, tokenizer_metadata=tokenizer_metadata)

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from gemmakit.config import GemmaConfig
 from gemmakit.errors import FormatError
+from gemmakit.weights.source import Checkpoint
 
 _PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
 
@@ -68,3 +69,14 @@ def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
 
 def read_config(directory: str | Path) -> GemmaConfig:
     return GemmaConfig.from_hf_config(Path(directory))
+
+
+def read(directory: str | Path) -> Checkpoint:
+    """Config, state dict and tokenizer of an HF model directory; tensor types are the stored dtypes."""
+    from gemmakit.tokenizer import Tokenizer
+
+    directory = Path(directory)
+    config = read_config(directory)
+    state = read_state_dict(directory)
+    types = {name: str(t.dtype).removeprefix("torch.") for name, t in state.items()}
+    return Checkpoint(config, state, Tokenizer.from_dir(directory), directory, types)

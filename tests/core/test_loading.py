@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import gemmakit
 from gemmakit.errors import ConfigError, FormatError, GemmaKitError, InputError
+from support.tiny_gguf import write_tiny_gguf
 from support.tiny_models import VOCAB, save_hf_model, save_tiny_tokenizer
 
 
@@ -20,6 +21,12 @@ def hf_dir(tmp_path_factory):
     reference = save_hf_model("gemma3", directory)
     save_tiny_tokenizer(directory)
     return directory, reference
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """A GGUF's default load converts into the cache: keep test files out of the user's."""
+    monkeypatch.setenv("GEMMAKIT_CACHE", str(tmp_path / "cache"))
 
 
 def test_load_hf_directory_matches_transformers(hf_dir):
@@ -121,39 +128,8 @@ def test_missing_path_and_unknown_format(tmp_path):
 
 def _tiny_gguf(tmp_path):
     """A small but complete gemma3 GGUF written with llama.cpp's own gguf package."""
-    gguf = pytest.importorskip("gguf")
-    writer = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "gemma3")
-    writer.add_context_length(64)
-    writer.add_embedding_length(16)
-    writer.add_block_count(1)
-    writer.add_feed_forward_length(32)
-    writer.add_head_count(2)
-    writer.add_head_count_kv(1)
-    writer.add_key_length(8)
-    writer.add_value_length(8)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_sliding_window(4)
-    writer.add_tokenizer_model("llama")
-    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{i:02X}>" for i in range(256)] + ["▁", "a", "b"]
-    writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * len(tokens))
-    writer.add_token_types([3, 3, 3, 2] + [6] * 256 + [1, 1, 1])
-    writer.add_bos_token_id(2)
-    writer.add_eos_token_id(1)
-    gen = torch.Generator().manual_seed(0)
-    shapes = {"token_embd.weight": (len(tokens), 16), "output_norm.weight": (16,)}
-    for part, shape in {"attn_norm": (16,), "attn_q": (16, 16), "attn_k": (8, 16), "attn_v": (8, 16),
-                        "attn_output": (16, 16), "attn_q_norm": (8,), "attn_k_norm": (8,),
-                        "post_attention_norm": (16,), "ffn_norm": (16,), "ffn_gate": (32, 16), "ffn_up": (32, 16),
-                        "ffn_down": (16, 32), "post_ffw_norm": (16,)}.items():
-        shapes[f"blk.0.{part}.weight"] = shape
-    for name, shape in shapes.items():
-        writer.add_tensor(name, torch.randn(shape, generator=gen).numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return tmp_path / "tiny.gguf"
+    pytest.importorskip("gguf")
+    return write_tiny_gguf(tmp_path / "tiny.gguf")
 
 
 def test_small_gguf_loads_and_undoes_the_norm_offset(tmp_path):

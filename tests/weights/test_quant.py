@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import gemmakit
-from gemmakit import quant
+from gemmakit import loader, quant
 from gemmakit.cli import main as cli_main
 from gemmakit.decoding.sampling import top_indices
 from gemmakit.errors import InputError
@@ -183,7 +183,7 @@ def test_real_270m_default_load_is_int8_rescore_and_close_to_fp32(real, monkeypa
     def no_conversion(*args, **kwargs):
         raise AssertionError("a second load must map the cached file, not convert again")
 
-    monkeypatch.setattr(converted, "convert", no_conversion)
+    monkeypatch.setattr(loader, "convert", no_conversion)
     fast = gemmakit.load("default")  # (its time is a bench/compare.py figure: timing asserts flake on busy CI)
     ids = real.encode(TEXT)
     ref, got = real.logits(ids)[0], fast.logits(ids)[0].float()
