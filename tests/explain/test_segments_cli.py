@@ -1,0 +1,123 @@
+"""Aggregation into words, sentences, lines, paragraphs and regex matches (each segment's score is the sum of its
+tokens, checked against segments found independently with str methods), and the `gemmakit explain` command on a
+tiny model saved with a real SentencePiece tokenizer: --json, --granularity, --html, no colour off a terminal."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from gemmakit.cli import main
+from gemmakit.errors import InputError
+from gemmakit.explain.segments import aggregate, segment_ids
+from support.scope_support import one_thread
+from support.tiny_models import save_hf_model, save_tiny_tokenizer
+
+_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+TEXT = "The sea was calm. The ship sailed!\nA king, a queen.\n\nNew paragraph here? Yes it is."
+
+
+def _split_pieces(text: str, seed: int) -> list[str]:
+    """Random token boundaries (1-4 characters) inside words; as with SentencePiece, whitespace only ever leads a
+    token ("\u2581sea"), so no token straddles two words."""
+    rng, pieces = random.Random(seed), []
+    for chunk in re.findall(r"\s*\S+", text):
+        lead = len(chunk) - len(chunk.lstrip())
+        cut = [0] + ([lead] if lead and rng.random() < 0.5 else [])  # sometimes the spaces are a token of their own
+        i = lead
+        while (i := i + rng.randint(1, 4)) < len(chunk):
+            cut.append(i)
+        cut.append(len(chunk))
+        pieces += [chunk[a:b] for a, b in zip(cut[:-1], cut[1:], strict=True)]
+    return pieces
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_words_and_lines_sum_their_tokens(seed):
+    pieces = _split_pieces(TEXT, seed)
+    scores = [random.Random(seed + 100).uniform(-1, 1) for _ in pieces]
+    starts = [sum(len(p) for p in pieces[:k]) for k in range(len(pieces))]
+
+    def owner_sum(spans):
+        """Score of each (start, end) text span: tokens whose first non-space character lies inside it."""
+        out = []
+        for lo, hi in spans:
+            total = 0.0
+            for st, p, s in zip(starts, pieces, scores, strict=True):
+                first = st + len(p) - len(p.lstrip())
+                if p.strip() and lo <= first < hi:
+                    total += s
+            out.append(total)
+        return out
+
+    word_spans, pos = [], 0
+    for w in TEXT.split():
+        lo = TEXT.index(w, pos)
+        word_spans.append((lo, lo + len(w)))
+        pos = lo + len(w)
+    words = [s for s in aggregate(pieces, scores, "word") if s.text.strip()]
+    assert [s.text.strip() for s in words] == TEXT.split()
+    expected = owner_sum(word_spans)
+    # a pure-space token joins the next word; add those back to the independent sums
+    for k, seg in enumerate(words):
+        extra = sum(scores[i] for i in seg.tokens if not pieces[i].strip())
+        assert seg.score == pytest.approx(expected[k] + extra, abs=1e-9)
+    line_spans, pos = [], 0
+    for line in TEXT.split("\n"):
+        if line:
+            line_spans.append((pos, pos + len(line)))
+        pos += len(line) + 1
+    lines = [s for s in aggregate(pieces, scores, "line") if s.matched]
+    assert len(lines) == 3
+    for seg, want in zip(lines, owner_sum(line_spans), strict=True):
+        extra = sum(scores[i] for i in seg.tokens if not pieces[i].strip())
+        assert seg.score == pytest.approx(want + extra, abs=1e-9)
+
+
+def test_every_granularity_partitions_the_tokens():
+    pieces = _split_pieces(TEXT, 7)
+    scores = [float(i) for i in range(len(pieces))]
+    for g in ("token", "word", "sentence", "line", "paragraph", r"[A-Z]\w*"):
+        segs = aggregate(pieces, scores, g)
+        assert "".join(s.text for s in segs) == TEXT
+        assert sorted(i for s in segs for i in s.tokens) == list(range(len(pieces)))
+        assert sum(s.score for s in segs) == pytest.approx(sum(scores))
+        ids = segment_ids(pieces, g)
+        assert max(ids) + 1 == len(segs) and all(ids[i] == k for k, s in enumerate(segs) for i in s.tokens)
+    sentences = [s.text.strip() for s in aggregate(list(TEXT), [0.0] * len(TEXT), "sentence") if s.matched]
+    assert sentences == ["The sea was calm.", "The ship sailed!", "A king, a queen.", "New paragraph here?",
+                         "Yes it is."]
+    paragraphs = [s.text.strip() for s in aggregate(list(TEXT), [0.0] * len(TEXT), "paragraph") if s.matched]
+    assert paragraphs == ["The sea was calm. The ship sailed!\nA king, a queen.", "New paragraph here? Yes it is."]
+    with pytest.raises(InputError):
+        aggregate(pieces, scores, "(unclosed")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli") / "tiny"
+    save_hf_model("gemma3", directory)
+    save_tiny_tokenizer(directory)
+    return directory
+
+
+def test_explain_command_json_html_and_plain_terminal(tiny_dir, tmp_path, capsys):
+    prompt = "the king and the queen. the ship sailed to the city"
+    args = ["explain", str(tiny_dir), "--prompt", prompt, "--target", " of the sea", "--span", "1:3"]
+    assert main([*args, "--method", "grad_dot_input", "--json"]) == 0
+    tokens = json.loads(capsys.readouterr().out)
+    assert "".join(tokens["tokens"]) == prompt and len(tokens["scores"]) == len(tokens["tokens"])
+    assert main([*args, "--method", "grad_dot_input", "--granularity", "sentence", "--json",
+                 "--html", str(tmp_path / "out.html")]) == 0
+    sentences = json.loads(capsys.readouterr().out)
+    assert [t.strip() for t in sentences["tokens"]] == ["the king and the queen.", "the ship sailed to the city"]
+    assert sum(sentences["scores"]) == pytest.approx(sum(tokens["scores"]), abs=1e-5)
+    page = (tmp_path / "out.html").read_text()
+    assert "<script" in page and "http" not in page.split("<body>")[1]  # self-contained
+    assert main([*args, "--method", "integrated_gradients", "--granularity", "word"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out and "completeness error" in out and "[[" in out
+    assert main([*args, "--granularity", "(bad"]) == 2
