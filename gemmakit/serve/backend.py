@@ -35,10 +35,10 @@ class Backend:
         return wanted
 
     def submit(self, prompt: list[int], max_tokens: int, sampling: dict[str, Any], logprobs: int | None,
-               processor: Any = None, constraint: Any = None) -> Any:
+               processor: Any = None, constraint: Any = None, ignore_eos: bool = False) -> Any:
         """Queue one choice. `logprobs`: None for none, 0 for the sampled token's own, k for k alternatives too."""
         request = Request(prompt=prompt, sampling=Sampling(**sampling), max_new_tokens=max_tokens,
-                          stop_ids=self.tokenizer.stop_ids, logprobs=logprobs or 0,
+                          stop_ids=frozenset() if ignore_eos else self.tokenizer.stop_ids, logprobs=logprobs or 0,
                           want_logprob=logprobs is not None, logits_processor=processor, constraint=constraint)
         try:
             return self.scheduler.submit(request)

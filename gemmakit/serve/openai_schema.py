@@ -114,6 +114,7 @@ class GenParams:
     logit_bias: dict[int, float]
     presence_penalty: float
     frequency_penalty: float
+    ignore_eos: bool = False  # vLLM's and llama-server's extension: generate past the stop tokens (benchmarks)
     response_format: ResponseFormat = field(default_factory=ResponseFormat)
 
 
@@ -215,7 +216,7 @@ def gen_params(body: dict[str, Any], vocab_size: int, chat: bool) -> GenParams:
         logprobs=logprobs, logit_bias=_logit_bias(body, vocab_size),
         presence_penalty=number(body, "presence_penalty", 0.0, -2, 2),  # type: ignore[arg-type]
         frequency_penalty=number(body, "frequency_penalty", 0.0, -2, 2),  # type: ignore[arg-type]
-        response_format=_response_format(body),
+        ignore_eos=boolean(body, "ignore_eos", False), response_format=_response_format(body),
     )
 
 

@@ -50,7 +50,7 @@ async def _submit(state: Any, prompts: list[list[int]], max_tokens: list[int], p
                     constraint = await asyncio.to_thread(constraint_for, state.gemma.tokenizer,
                                                          params.response_format)
                 handle = state.backend.submit(ids, budget, _sampling(params, j), params.logprobs, processor,
-                                              constraint)
+                                              constraint, params.ignore_eos)
                 choices.append(ChoiceSpec(len(choices), handle, p, time.perf_counter()))
     except BaseException:
         for c in choices:
