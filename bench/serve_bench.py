@@ -208,6 +208,60 @@ def bench_server(name: str, cmd_for, levels: list[int], args, bias: dict[str, in
     return results
 
 
+def constraint_cost(model: str) -> None:
+    """llguidance's cost per token in the scheduler: `allows` on every token, `mask` only when the model's own
+    choice breaks the grammar (greedy and two seeded samples of a small JSON schema)."""
+    import statistics
+
+    from gemmakit.api import load
+    from gemmakit.chat import render_chat
+    from gemmakit.decoding import Request, Sampling, Scheduler
+    from gemmakit.serve.constrained import JsonConstraint, ll_tokenizer
+
+    gemma = load(model)
+    start = time.perf_counter()
+    ll_tokenizer(gemma.tokenizer)
+    print(f"vocabulary table ({gemma.tokenizer.vocab_size} tokens): {time.perf_counter() - start:.2f} s (once)")
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                               "count": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "ok": {"type": "boolean"}, "note": {"type": "string", "maxLength": 40}},
+              "required": ["colour", "count", "ok", "note"], "additionalProperties": False}
+    times: dict[str, list[float]] = {"allows": [], "mask": [], "advance": []}
+
+    class Timed(JsonConstraint):
+        def _time(self, name, fn, *a):
+            t = time.perf_counter()
+            out = fn(*a)
+            times[name].append(time.perf_counter() - t)
+            return out
+
+        def allows(self, token):
+            return self._time("allows", super().allows, token)
+
+        def mask(self):
+            return self._time("mask", super().mask)
+
+        def advance(self, token):
+            return self._time("advance", super().advance, token)
+
+    prompt = render_chat([{"role": "user", "content": "Describe a colour as JSON."}], gemma.tokenizer)
+    tokens = 0
+    with Scheduler(gemma, slots=1) as sched:
+        for temperature, seed in ((0.0, None), (0.8, 1), (0.8, 2)):
+            start = time.perf_counter()
+            constraint = Timed(gemma.tokenizer, schema)
+            built = time.perf_counter() - start
+            out = sched.submit(Request(prompt=prompt, sampling=Sampling(temperature=temperature, seed=seed),
+                                       max_new_tokens=80, stop_ids=gemma.tokenizer.stop_ids,
+                                       constraint=constraint)).result()
+            tokens += len(out)
+            print(f"T={temperature} seed={seed}: {len(out)} tokens, matcher built in {built * 1e3:.1f} ms: "
+                  f"{gemma.tokenizer.decode(out)!r}")
+    for name, values in times.items():
+        print(f"{name}: {len(values)} calls over {tokens} tokens, median {statistics.median(values) * 1e6:.0f} us, "
+              f"max {max(values) * 1e6:.0f} us")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="a GGUF path or 'default' (the embedded 270M)")
@@ -218,7 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server"))
     p.add_argument("--llama-cpp-python", action="store_true", help="also run python -m llama_cpp.server")
     p.add_argument("--duration-cap", type=float, default=1e9, help="start no new level after this many seconds")
+    p.add_argument("--constraint-cost", action="store_true",
+                   help="only measure llguidance's cost per token (json_schema decoding) in process, then exit")
     args = p.parse_args(argv)
+    if args.constraint_cost:
+        constraint_cost(args.model)
+        return 0
     args.model_name = "bench"
     levels = [int(x) for x in args.levels.split(",")]
     from gemmakit.loader import resolve
