@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from gemmakit import scope
-from gemmakit.scope.dashboard import dashboard_data, render_html, write_dashboard
+from gemmakit.scope.dashboard import dashboard_data, neighbours, render_html, write_dashboard
 from gemmakit.scope.explore import feature_examples, index_features, logit_effects, text_features
 from support.scope_support import one_thread, tiny_gemma
 
@@ -86,6 +86,7 @@ def test_dashboard_renders_in_headless_chromium_without_console_errors(setup, tm
     dom, log = run_chromium(page, tmp_path / "feature.png", f"#f{first}")
     assert console_errors(log) == [], console_errors(log)
     assert 'data-rendered="feature"' in dom and f"Feature {first}" in dom and "<svg" in dom
+    assert "Neighbouring features" in dom and dom.count("<tr>", dom.index('id="neighbours"')) >= 8
     png = (tmp_path / "feature.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     dom, log = run_chromium(page, tmp_path / "home.png", "#texts")
@@ -102,3 +103,20 @@ def test_dashboard_data_is_plain_json(setup):
     data = dashboard_data(model, sae, SITE, seqs, features=[0, 1, 2])
     assert [f["id"] for f in data["features"]] == [0, 1, 2]
     json.dumps(data)
+
+
+def test_neighbours_are_the_closest_decoder_directions(setup):
+    """A planted near-copy of feature 3 comes first; the rest follow the cosine ranking computed directly."""
+    _, sae, _ = setup
+    planted = sae.W_dec.detach().clone()
+    planted[7] = planted[3] * 2.5 + 0.01 * torch.randn(64, generator=torch.Generator().manual_seed(1))
+    copy = scope.make_sae("jumprelu", 64, 96).requires_grad_(False)
+    copy.W_dec.copy_(planted)
+    near = neighbours(copy, [3, 50], n=5)
+    assert near[0][0][0] == 7 and near[0][0][1] > 0.99
+    cos = torch.nn.functional.cosine_similarity(planted[:, None], planted[None], dim=-1)
+    for f, row in zip([3, 50], near, strict=True):
+        ranking = [int(i) for i in cos[f].argsort(descending=True) if int(i) != f][:5]
+        assert [i for i, _ in row] == ranking
+        assert [c for _, c in row] == pytest.approx([float(cos[f, i]) for i in ranking], abs=1e-5)
+    assert neighbours(copy, [3], n=0) == [[]]
