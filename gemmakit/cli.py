@@ -6,7 +6,6 @@ import argparse
 import importlib
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 
 from gemmakit.errors import GemmaKitError
@@ -94,23 +93,15 @@ def load_model(args: argparse.Namespace):
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    model = load_model(args)
-    c = model.config
-    kinds = Counter(c.layer_types)
-    print(f"source:        {model.source}")
-    print(f"architecture:  {c.family} ({c.name or 'unnamed'})")
-    print(f"parameters:    {c.num_parameters() / 1e6:.1f} M")
-    print(f"layers:        {c.num_layers} ({kinds.get('sliding', 0)} sliding, {kinds.get('global', 0)} global)")
-    print(f"d_model:       {c.hidden_size}   ffn: {c.intermediate_size}")
-    print(f"attention:     {c.num_heads} heads, {c.num_kv_heads} kv heads, head_dim {c.head_dim}, "
-          f"query scale 1/sqrt({c.query_pre_attn_scalar:g})")
-    print(f"window:        {c.sliding_window or '-'}   context: {c.max_position}")
-    print(f"rope:          local {c.rope_theta_local:g}, global {c.rope_theta_global:g} (x{c.rope_scale_global:g})")
-    print(f"soft-caps:     attention {c.attn_softcap or '-'}, final {c.final_softcap or '-'}   "
-          f"qk-norm: {c.use_qk_norm}")
-    print(f"vocabulary:    {model.tokenizer.vocab_size} (bos {model.tokenizer.bos_id}, eos {model.tokenizer.eos_id})")
-    types = Counter(model.tensor_types.values())
-    print("tensor types:  " + ", ".join(f"{name} x{count}" for name, count in types.most_common()))
+    """MODEL described from its headers alone (no tensor data is read: `weights.summary`), and the path
+    `gemmakit.load` would take with the given --dtype."""
+    from gemmakit.weights.summary import load_plan, summarize
+
+    summary = summarize(args.model)
+    for line in summary.lines():
+        print(line)
+    dtype = getattr(args, "dtype", "auto")
+    print(f"load():        {load_plan(summary.source, None if dtype == 'auto' else dtype)}")
     return 0
 
 

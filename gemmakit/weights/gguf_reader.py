@@ -173,9 +173,14 @@ class GGUFFile:
     mapping alive until they are garbage collected, even after ``close()``.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], header_only: bool = False) -> None:
+        """`header_only`: metadata and tensor infos are parsed and checked as always, but a tensor whose data would
+        lie past the end of the file is recorded in `missing_data` instead of refused, and no tensor data can be
+        read (for `gemmakit info`, which describes a file without its weights)."""
         self.path = pathlib.Path(path)
         self._where = str(self.path)
+        self._header_only = header_only
+        self.missing_data: dict[str, int] = {}  # header_only: tensor name -> the file size its data would need
         self._mmap: mmap.mmap | None = None
         self._bytes: np.ndarray | None = None
         with open(self.path, "rb") as f:
@@ -296,7 +301,9 @@ class GGUFFile:
             )
         nbytes = n_values // block * type_size
         start = self.data_offset + rel_offset
-        if start + nbytes > self.size:
+        if start + nbytes > self.size and self._header_only:
+            self.missing_data[name] = start + nbytes
+        elif start + nbytes > self.size:
             raise FormatError(
                 f"{self._where}: truncated: tensor {name!r} needs bytes {start}..{start + nbytes} "
                 f"but the file has {self.size}"
@@ -308,6 +315,8 @@ class GGUFFile:
     def _info(self, name: str) -> GGUFTensorInfo:
         if self._bytes is None:
             raise InputError(f"{self._where}: the file is closed")
+        if self._header_only:
+            raise InputError(f"{self._where}: opened with header_only=True; tensor data cannot be read")
         try:
             return self.tensors[name]
         except KeyError:
