@@ -207,3 +207,15 @@ def test_tokenize_detokenize_models_health_metrics(server, real_gemma):
         assert float(line.split()[-1]) >= 0
     ttft = next(m for m in metrics.splitlines() if m.startswith("gemmakit_time_to_first_token_seconds_count"))
     assert float(ttft.split()[-1]) > 0
+
+
+def test_explorer_is_mounted_or_says_why_not(server):
+    import importlib.util
+
+    page = httpx.get(server.url + "/explore", timeout=30)
+    info = httpx.get(server.url + "/ui/info").json()
+    if importlib.util.find_spec("gemmakit.explain.web") is None:
+        assert page.status_code == 404 and "Explorer not available" in page.text and not info["explore"]
+    else:
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"] and info["explore"]
+
