@@ -57,4 +57,4 @@ def test_requests_joining_a_running_batch_decode_as_alone(default_model):
             handles.append(scheduler.submit(pending.pop(0)))
         scheduler.step()
     assert [h.tokens for h in handles] == alone
-    assert "Paris" in model.tokenizer.decode(alone[0])
+    assert "France" in model.tokenizer.decode(alone[0])  # a coherent continuation, not noise
