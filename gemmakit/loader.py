@@ -130,8 +130,9 @@ def quantized_module(checkpoint: Checkpoint, scheme_name: str, progress: bool = 
 
 
 def convert(source: str | Path | Source, scheme_name: str, out: str | Path | None = None,
-            progress: bool = True) -> Path:
-    """Read `source`, quantise it to `scheme_name`, write the converted file to `out` (default: the cache)."""
+            progress: bool = True, digest: str | None = None) -> Path:
+    """Read `source`, quantise it to `scheme_name`, write the converted file to `out` (default: the cache).
+    `digest`: the source's fingerprint when the caller has computed it."""
     from gemmakit.quant import scheme
     from gemmakit.weights import converted
 
@@ -140,7 +141,7 @@ def convert(source: str | Path | Source, scheme_name: str, out: str | Path | Non
     if source.kind == "converted":
         raise InputError(f"{source}: already a converted model (scheme {source.header['gemmakit.scheme']}); "
                          "convert the original weights instead")
-    digest = converted.fingerprint(source.path)
+    digest = digest or converted.fingerprint(source.path)
     out = Path(out) if out is not None else converted.cache_path(source.path, scheme_name, digest)
     if out.is_dir() or out.suffix != ".safetensors":
         raise InputError(f"{out}: the output must be a file name ending in .safetensors")
@@ -163,7 +164,7 @@ def cached_conversion(source: Source, scheme_name: str, progress: bool = True) -
     path = converted.cache_path(source.path, scheme_name, digest)
     if path.exists():
         return path
-    path = convert(source, scheme_name, path, progress)
+    path = convert(source, scheme_name, path, progress, digest)
     converted.remove_older_formats(path, progress)
     return path
 

@@ -155,18 +155,6 @@ def read(path: str | Path, header: dict[str, str] | Any | None = None) -> Checkp
                       scheme=meta["gemmakit.scheme"])
 
 
-def is_converted(path: str | Path) -> bool:
-    """True for a safetensors file written by `save` (checked by its header, not its name)."""
-    path = Path(path)
-    if path.is_dir() or path.suffix != ".safetensors":
-        return False
-    try:
-        read_header(path)
-    except Exception:
-        return False
-    return True
-
-
 def remove_older_formats(path: Path, progress: bool = True) -> None:
     """Delete the same conversion (same source name, scheme and fingerprint) in older formats: each is a full copy
     of the weights that nothing reads any more. Other sources' files are left alone."""
