@@ -14,8 +14,13 @@ Endpoints (POST bodies and answers are JSON):
     GET  /explore/api/feature/{id}    a feature's card: logit effects; density, histogram, top contexts (store)
     POST /explore/api/steer           {prompt, feature, value, mode: add|clamp, max_new_tokens} -> default, steered
 
-The model is used by one request at a time (a lock): hooks and the float copy are shared state. Salience results
-are kept (a small LRU keyed by prompt, target, span, method), so switching granularity recomputes nothing.
+The explorer computes on a model of its own: gradients, SAE reads and steering put hooks on the module they run
+on, and inside `gemmakit serve` other requests generate with the loaded model at the same moment. A quantised
+model's float32 copy (needed for gradients anyway) is already private; a float32 model is copied once when the
+router is built for a shared app (`isolate=True`, what `gemmakit serve` gets), and used as is by `gemmakit explore`,
+where nothing else runs. Only the Generate button uses the loaded model itself (no hooks). Explorer requests run
+one at a time (a lock); salience results are kept (a small LRU keyed by prompt, target, span, method), so switching
+granularity recomputes nothing.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route functions' annotations at runtime, and
@@ -44,7 +49,7 @@ class Explorer:
     """The state behind the API: the model, the optional SAE and store, a lock and the salience cache."""
 
     def __init__(self, gemma: Any, sae: Any = None, site: str | None = None, store: str | Path | None = None,
-                 cache_size: int = 32) -> None:
+                 cache_size: int = 32, isolate: bool = True) -> None:
         from gemmakit.explain.features import open_store, sae_site
 
         self.gemma, self.sae = gemma, sae
@@ -53,6 +58,25 @@ class Explorer:
         self.lock = threading.Lock()
         self.cache: OrderedDict[tuple, Any] = OrderedDict()
         self.cache_size = cache_size
+        self.isolate = isolate
+        self._work: Any = None
+        self.weights = ""
+
+    def work(self) -> Any:
+        """The model every hooked computation runs on (see the module docstring): plain float32, never a module
+        that another request may be running when `isolate`."""
+        if self._work is None:
+            import copy
+
+            from gemmakit.api import Gemma
+            from gemmakit.explain.salience import float_model
+
+            model, self.weights = float_model(self.gemma)
+            if model is self.gemma and self.isolate:
+                model = Gemma(copy.deepcopy(self.gemma.module), self.gemma.tokenizer, self.gemma.source)
+                self.weights = "a private copy of the model's own float32 weights"
+            self._work = model
+        return self._work
 
     def need_sae(self) -> None:
         if self.sae is None:
@@ -95,7 +119,8 @@ class Explorer:
         with self.lock:
             result = self.cache.get(key)
             if result is None:
-                result = salience(self.gemma, prompt, target=target, span=tuple(span), method=method, steps=steps)
+                result = salience(self.work(), prompt, target=target, span=tuple(span), method=method, steps=steps)
+                result.details["weights"] = self.weights
                 self.cache[key] = result
                 while len(self.cache) > self.cache_size:
                     self.cache.popitem(last=False)
@@ -117,8 +142,9 @@ class Explorer:
 
         self.need_sae()
         with self.lock:
-            result = attribute(self.gemma, self.sae, prompt, target=target, span=tuple(span), site=self.site,
+            result = attribute(self.work(), self.sae, prompt, target=target, span=tuple(span), site=self.site,
                                top=top, store=self.store)
+            result.details["weights"] = self.weights
         return result.to_dict(pairs=top)
 
     def features(self, text: str, top: int) -> dict[str, Any]:
@@ -128,18 +154,17 @@ class Explorer:
         if not text:
             raise InputError("give a text to look at")
         with self.lock:
-            return {"site": self.site, "rows": text_features(self.gemma, self.sae, self.site, text, top=top)}
+            return {"site": self.site, "rows": text_features(self.work(), self.sae, self.site, text, top=top)}
 
     def feature(self, feature: int) -> dict[str, Any]:
         from gemmakit.explain.features import cached_index, feature_summaries
-        from gemmakit.explain.salience import float_model
         from gemmakit.scope.explore import activation_histogram, feature_examples
 
         self.need_sae()
         if not 0 <= feature < self.sae.d_sae:
             raise InputError(f"feature {feature} does not exist (the SAE has latents 0..{self.sae.d_sae - 1})")
         with self.lock:
-            model, _ = float_model(self.gemma)
+            model = self.work()
             summary = feature_summaries(model, self.sae, self.site, [feature], self.store, k=10)[feature]
             card: dict[str, Any] = {"feature": feature, "site": self.site, **summary}
             if self.store is not None:
@@ -155,17 +180,18 @@ class Explorer:
         if not 1 <= max_new_tokens <= 256:
             raise InputError(f"max_new_tokens must be in 1..256, got {max_new_tokens}")
         with self.lock:
-            return steer_generate(self.gemma, self.sae, self.site, feature, value, prompt, mode, max_new_tokens)
+            return steer_generate(self.work(), self.sae, self.site, feature, value, prompt, mode, max_new_tokens)
 
 
 def router(gemma: Any, sae: Any = None, site: str | None = None, store: str | Path | None = None,
-           prefix: str = PREFIX):
-    """A FastAPI router with the page at `prefix` and the API under `prefix`/api (see the module docstring)."""
+           prefix: str = PREFIX, isolate: bool = True):
+    """A FastAPI router with the page at `prefix` and the API under `prefix`/api (see the module docstring).
+    `isolate=False` lets a float32 model be hooked in place (only when nothing else runs on it)."""
     from fastapi import APIRouter, HTTPException
     from fastapi.responses import HTMLResponse
     from pydantic import BaseModel, Field
 
-    state = Explorer(gemma, sae, site, store)
+    state = Explorer(gemma, sae, site, store, isolate=isolate)
     api = APIRouter()
 
     class TokenizeBody(BaseModel):
@@ -248,12 +274,12 @@ def router(gemma: Any, sae: Any = None, site: str | None = None, store: str | Pa
 
 
 def app(gemma: Any, sae: Any = None, site: str | None = None, store: str | Path | None = None):
-    """A FastAPI app serving only the explorer (and `/` redirecting to it)."""
+    """A FastAPI app serving only the explorer (and `/` redirecting to it); nothing else runs on the model."""
     from fastapi import FastAPI
     from fastapi.responses import RedirectResponse
 
     application = FastAPI(title="gemmakit explorer")
-    application.include_router(router(gemma, sae, site, store))
+    application.include_router(router(gemma, sae, site, store, isolate=False))
 
     @application.get("/", include_in_schema=False)
     def root() -> RedirectResponse:

@@ -97,6 +97,22 @@ def test_api_answers_what_the_library_computes(server):
         assert c.get(f"/explore/api/feature/{sae.d_sae}").status_code == 400
 
 
+def test_a_shared_float_model_is_never_hooked_in_place(server):
+    """Inside `gemmakit serve` other requests run on the loaded model: the explorer computes on its own copy."""
+    from gemmakit.explain.web import Explorer
+
+    _, model, sae = server
+    shared = Explorer(model, sae, isolate=True)
+    work = shared.work()
+    assert work is not model and work.module is not model.module
+    assert all(torch.equal(a, b) for a, b in zip(work.module.state_dict().values(),
+                                                 model.module.state_dict().values(), strict=True))
+    r = shared.salience(PROMPT, TARGET, [0, 2], "grad_l2", "token", None)
+    assert r["scores"] == salience(model, PROMPT, target=TARGET, span=(0, 2)).scores
+    assert "private copy" in r["details"]["weights"]
+    assert Explorer(model, sae, isolate=False).work() is model
+
+
 def _backgrounds(page) -> list[str]:
     return page.eval_on_selector_all("#prompt-view .tok", "els => els.map(e => getComputedStyle(e).backgroundColor)")
 
