@@ -121,3 +121,20 @@ def test_explain_command_json_html_and_plain_terminal(tiny_dir, tmp_path, capsys
     out = capsys.readouterr().out
     assert "\x1b[" not in out and "completeness error" in out and "[[" in out
     assert main([*args, "--granularity", "(bad"]) == 2
+
+
+def test_terminal_colours_follow_the_scores():
+    from gemmakit.explain import render
+    from gemmakit.explain.salience import Salience
+
+    s = Salience(["a", " b", " c", " d"], [10, 11, 12, 13], [0.25, -0.5, 1.0, 0.0], 3, (0, 1), "grad_dot_input", -1.0)
+    out = render.terminal(s, "token", colour_on=True)
+    backgrounds = [tuple(map(int, m)) for m in re.findall(r"48;2;(\d+);(\d+);(\d+)m", out)]
+    assert backgrounds[2] == render.POSITIVE  # the largest |score| gets the full hue
+    r, g, b = backgrounds[1]
+    assert r > g and r > b  # negative: red, half intensity
+    assert backgrounds[1] == render.colour(-0.5, 1.0, True)
+    assert backgrounds[0] == render.colour(0.25, 1.0, True) != (255, 255, 255)
+    assert "\x1b[4;1m d\x1b[0m" in out  # the span, underlined
+    unsigned = render.terminal(Salience(s.tokens, s.ids, [0.5, 0.5, 1.0, 0.0], 3, (0, 1), "grad_l2", -1.0), "token")
+    assert tuple(map(int, re.findall(r"48;2;(\d+);(\d+);(\d+)m", unsigned)[2])) == render.UNSIGNED
