@@ -85,12 +85,12 @@ def features_terminal(result: FeatureAttribution) -> str:
 def page(result: Salience, granularity: str = "token", features: FeatureAttribution | None = None) -> str:
     """A self-contained HTML page (inline CSS and script, no external resources): prompt and target coloured by
     segment, the span outlined, a gain slider, the method's details and (when given) the top SAE features."""
-    texts, scores = _segments(result, granularity, "all")
-    cut = len(aggregate(*result.part("prompt"), granularity))
+    texts, scores = _segments(result, granularity, "prompt")
     a, b = result.span
-    data = {"segments": [{"text": t, "score": s, "target": i >= cut} for i, (t, s) in enumerate(
-        zip(texts, scores, strict=True))], "signed": signed(result.method),
-        "span": "".join(result.target_tokens[a:b])}
+    segments = [{"text": t, "score": s, "target": False, "span": False} for t, s in zip(texts, scores, strict=True)]
+    segments += [{"text": t, "score": 0.0, "target": True, "span": a <= i < b}
+                 for i, t in enumerate(result.target_tokens)]
+    data = {"segments": segments, "signed": signed(result.method), "span": "".join(result.target_tokens[a:b])}
     details = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
                       for k, v in [("method", result.method), ("granularity", granularity),
                                    ("span", f"{a}:{b} {data['span']!r}"), ("log p(span)", result.target_logprob),
@@ -114,7 +114,7 @@ _PAGE = """<!DOCTYPE html>
 <style>
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:980px}
 #text{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.7;border:1px solid #ddd;padding:12px}
-.seg{border-radius:3px;padding:1px 0}.target{border-bottom:2px solid #999}
+.seg{padding:1px 0}.target{color:#555}.span{color:#000;font-weight:bold;outline:2px solid #b8860b}
 table{border-collapse:collapse;font-size:13px}td,th{padding:2px 10px;text-align:left;vertical-align:top}
 </style></head><body>
 <h1>Sequence salience</h1>
@@ -135,7 +135,7 @@ function draw(){
   box.textContent = "";
   for (const s of D.segments){
     const el = document.createElement("span");
-    el.className = "seg" + (s.target ? " target" : "");
+    el.className = "seg" + (s.target ? " target" : "") + (s.span ? " span" : "");
     el.textContent = s.text;
     el.title = s.score.toPrecision(4);
     if (!s.target){

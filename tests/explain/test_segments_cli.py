@@ -117,6 +117,7 @@ def test_explain_command_json_html_and_plain_terminal(tiny_dir, tmp_path, capsys
     assert sum(sentences["scores"]) == pytest.approx(sum(tokens["scores"]), abs=1e-5)
     page = (tmp_path / "out.html").read_text()
     assert "<script" in page and "http" not in page.split("<body>")[1]  # self-contained
+    assert page.count('"span": true') == 2 and page.count('"target": false') == 2  # 2 prompt sentences, 2 span tokens
     assert main([*args, "--method", "integrated_gradients", "--granularity", "word"]) == 0
     out = capsys.readouterr().out
     assert "\x1b[" not in out and "completeness error" in out and "[[" in out
