@@ -33,3 +33,18 @@ def test_sae_train_info_convert(tmp_path, capsys):
     assert config["hf_hook_point_in"] == "model.layers.1.post_feedforward_layernorm.output"
     assert torch.equal(scope.load_sae(tmp_path / "gs2").W_enc, sae.W_enc)
     assert main(["sae", "info", str(tmp_path / "missing")]) == 2  # a GemmaKitError, reported, not a traceback
+
+
+def test_sae_train_passes_the_dead_latent_options(tmp_path, capsys):
+    """--arch topk --auxk-coeff/--auxk-k/--dead-window/--resample-every reach the trainer (recorded with the SAE)."""
+    model = tiny_gemma("gemma2", tmp_path)
+    store = scope.build_store(model, "other words for a second store " * 30, tmp_path / "store",
+                              ["layers.1.mlp_out"], context=32, progress=False)
+    assert main(["sae", "train", "--store", str(store.folder), "--site", "layers.1.mlp_out", "--width", "48",
+                 "--arch", "topk", "--l0", "4", "--steps", "12", "--batch-size", "64", "--log-every", "6",
+                 "--auxk-coeff", "0.5", "--auxk-k", "8", "--dead-window", "3", "--resample-every", "6",
+                 "--out", str(tmp_path / "run")]) == 0
+    training = scope.load_sae(tmp_path / "run" / "topk_w48_l0_4").info.extra["training"]
+    assert {k: training["config"][k] for k in ("auxk_coeff", "auxk_k", "dead_window", "resample_every")} == {
+        "auxk_coeff": 0.5, "auxk_k": 8, "dead_window": 3, "resample_every": 6}
+    assert "auxk" in training["final"]
