@@ -145,7 +145,7 @@ def test_body_limit(http):
 
 def test_full_queue_gets_429(server, http):
     """One slot, a queue of one: with a long request running and one waiting, the next is refused."""
-    long = {**OK_CHAT, "max_tokens": 110, "stream": True}
+    long = {**OK_CHAT, "max_tokens": 80, "stream": True}
     started = threading.Event()
     results: list[int] = []
 

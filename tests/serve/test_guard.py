@@ -20,7 +20,7 @@ CHAT = [{"role": "user", "content": "Tell me about the weather in spring."}]
 
 @pytest.fixture(scope="module")
 def blocking(real_gemma, start_server):
-    with start_server(real_gemma, ServeOptions(model_name="g", guard=["dangerous", "harassment"],
+    with start_server(real_gemma, ServeOptions(model_name="g", guard=["dangerous"],
                                                guard_threshold=0.0, slots=2)) as s:
         yield s
 
@@ -39,8 +39,7 @@ def test_blocked_prompt_is_refused_with_content_filter(blocking, parse_sse):
     assert choice.finish_reason == "content_filter"
     assert "flagged" in choice.message.content and r.usage.completion_tokens == 0
     verdict = choice.model_extra["guard"][0]
-    assert verdict["stage"] == "prompt" and verdict["blocked"] and set(verdict["scores"]) == {"dangerous",
-                                                                                                "harassment"}
+    assert verdict["stage"] == "prompt" and verdict["blocked"] and set(verdict["scores"]) == {"dangerous"}
     raw = httpx.post(blocking.url + "/v1/chat/completions", timeout=60,
                      json={"model": "g", "messages": CHAT, "stream": True, "max_tokens": 8}).text
     chunks = [json.loads(e) for e in parse_sse(raw)[:-1]]
