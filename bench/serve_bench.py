@@ -205,6 +205,7 @@ def bench_server(name: str, cmd_for, levels: list[int], args, bias: dict[str, in
                     level.differ_from_alone = sum(o != alone[i] for i, outs in level.outputs.items() if i in alone
                                                   for o in outs)
                 results.append(level)
+                print("row: " + json.dumps(level.row()), flush=True)  # a run cut short still reports what it did
     return results
 
 
