@@ -7,8 +7,9 @@ negative of its summed cross-entropy, LIT's loss). Three methods:
 - ``grad_dot_input``: df/dx_t . x_t (same backward); positive means the token pushes towards the span;
 - ``integrated_gradients``: (x_t - x'_t) . mean over the straight path x' -> x of df/dx_t, with the baseline x'
   the `<pad>` token's embedding at every position but `<bos>` (kept as is: Gemma's <bos> is a fixed context, not
-  text), a Gauss-Legendre rule of `steps` nodes, and the completeness error |sum(attr) - (f(x) - f(x'))| /
-  |f(x) - f(x')| reported with the result.
+  text), a composite Gauss-Legendre rule (64 nodes as 8 sub-intervals of 8; a sub-interval whose own
+  completeness is off is split, see `integrated_gradients`), and the completeness error
+  |sum(attr) - (f(x) - f(x'))| / |f(x) - f(x')| reported with the result.
 
 Why not the zero baseline: every Gemma layer reads its input through an RMSNorm, which is scale-invariant except
 within ~sqrt(eps) of zero, so f along alpha * x jumps from f(0) to near its final value over alpha < 1e-3. No
@@ -26,8 +27,9 @@ float32 copy of the same checkpoint, reloaded from the model's `source` with ``d
 later calls. The result's ``details["weights"]`` says which.
 
 Integrated gradients are our own code rather than captum's ``IntegratedGradients``, which the tests use as the
-reference (same rule, same nodes, equal to 1e-5): ours walks the path in chunks under a progress bar with the
-memory of one chunk, and depends on nothing beyond torch. captum's ``LLMGradientAttribution`` expects a
+reference (with one interval and no refinement ours is its "gausslegendre" rule, equal to 1e-5): ours walks the
+path in chunks under a progress bar with the memory of one chunk, refines where completeness fails (captum has no
+adaptive rule), and depends on nothing beyond torch. captum's ``LLMGradientAttribution`` expects a
 transformers model and tokenizer (``generate``, HF tokenisation), which a gemmakit ``Transformer`` is not.
 """
 

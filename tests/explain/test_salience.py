@@ -38,7 +38,7 @@ PROMPT, TARGET = "Hello there, my friend. How are you?", " I am fine."
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {f: tiny_gemma(f, root) for f in FAMILIES}, root
+    return {f: tiny_gemma(f, root) for f in FAMILIES}, root  # cached per session: each knows its own .source
 
 
 def _problem(model, span="1:5"):
@@ -46,10 +46,11 @@ def _problem(model, span="1:5"):
     return p, torch.tensor(p.ids), p.absolute_span
 
 
-def _hf(root, family):
+def _hf(model):
+    """transformers' model from the directory our tiny model was read from (its own saved weights)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(root / family, attn_implementation="eager").float().eval()
+    return AutoModelForCausalLM.from_pretrained(model.source, attn_implementation="eager").float().eval()
 
 
 def _hf_logprob(hf, ids, span):
@@ -89,9 +90,9 @@ def test_gradient_equals_central_finite_differences(models, family):
 def test_grad_l2_and_grad_dot_input_equal_captum_on_transformers(models, family):
     from captum.attr import LayerGradientXActivation
 
-    model, root = models[0][family], models[1]
+    model = models[0][family]
     problem, ids, span = _problem(model)
-    hf = _hf(root, family)
+    hf = _hf(model)
     forward = _hf_logprob(hf, ids, span)
     inputs = ids[: span[1] - 1].view(1, -1)
     layer = hf.get_input_embeddings()
@@ -109,7 +110,7 @@ def test_grad_l2_and_grad_dot_input_equal_captum_on_transformers(models, family)
 def test_integrated_gradients_complete_and_equal_captum(models, family):
     from captum.attr import IntegratedGradients, LayerIntegratedGradients
 
-    model, root = models[0][family], models[1]
+    model = models[0][family]
     _, ids, span = _problem(model, None)
     pad = model.tokenizer.pad_id
     attr, info = integrated_gradients(model.module, ids, span, pad)  # the defaults
@@ -128,7 +129,7 @@ def test_integrated_gradients_complete_and_equal_captum(models, family):
             internal_batch_size=16)[0].sum(-1)
     assert torch.allclose(attr, own.detach(), rtol=0, atol=1e-5 * float(own.abs().max()))
 
-    hf = _hf(root, family)
+    hf = _hf(model)
     inputs = ids[: span[1] - 1].view(1, -1)
     base_ids = torch.full_like(inputs, pad)
     base_ids[0, 0] = inputs[0, 0]
