@@ -184,6 +184,14 @@ def test_moderations_match_the_classifier(client, real_gemma):
     assert len(single.results) == 1
     with pytest.raises(openai.BadRequestError):
         client.moderations.create(input=5)  # type: ignore[arg-type]
+    from gemmakit.safety import Policy
+
+    guideline = '"No Personal Data": The prompt shall not contain or seek anyone\'s home address.'
+    custom = client.moderations.create(input=texts[:1], extra_body={"policies": [
+        "hate", {"name": "pii", "guideline": guideline}]}).results[0].model_dump(by_alias=True)
+    direct = ShieldClassifier(real_gemma, policies=["hate", Policy.from_text("pii", guideline)]).score(texts[0])
+    assert set(custom["category_scores"]) == {"hate", "pii"}
+    assert custom["category_scores"]["pii"] == pytest.approx(direct["pii"], abs=1e-6)
     with pytest.raises(openai.NotFoundError):
         client.moderations.create(input="x", model="gpt-9")
 
