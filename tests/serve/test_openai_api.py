@@ -190,7 +190,7 @@ def test_moderations_match_the_classifier(client, real_gemma):
     custom = client.moderations.create(input=texts[:1], extra_body={"policies": [
         "hate", {"name": "pii", "guideline": guideline}]}).results[0].model_dump(by_alias=True)
     direct = ShieldClassifier(real_gemma, policies=["hate", Policy.from_text("pii", guideline)]).score(texts[0])
-    assert set(custom["category_scores"]) == {"hate", "pii"}
+    assert {k for k, v in custom["category_scores"].items() if v is not None} == {"hate", "pii"}
     assert custom["category_scores"]["pii"] == pytest.approx(direct["pii"], abs=1e-6)
     with pytest.raises(openai.NotFoundError):
         client.moderations.create(input="x", model="gpt-9")
