@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from gemmakit.errors import GemmaKitError
 from gemmakit.serve import openai_schema as schema
@@ -174,7 +175,9 @@ class _Exchange:
             finally:
                 run.cancel()
 
-        return StreamingResponse(body(), media_type="text/event-stream", headers=HEADERS)
+        # the background task also runs when the client left before the first chunk (the generator never started)
+        return StreamingResponse(body(), media_type="text/event-stream", headers=HEADERS,
+                                 background=BackgroundTask(run.cancel))
 
     def refusal(self, result: Any) -> Any:
         """The prompt was blocked by the guard: the block message, `content_filter`, and the verdict."""
