@@ -124,6 +124,29 @@ def test_explain_command_json_html_and_plain_terminal(tiny_dir, tmp_path, capsys
     assert main([*args, "--granularity", "(bad"]) == 2
 
 
+def test_explain_command_with_an_sae_file(tiny_dir, tmp_path, capsys):
+    import torch
+
+    from gemmakit import scope
+
+    sae = scope.make_sae("jumprelu", 64, 48, info=scope.SAEInfo(site="layers.3.resid_post"))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(64, 48, generator=torch.Generator().manual_seed(0)) * 0.3)
+        sae.W_dec.copy_(torch.randn(48, 64, generator=torch.Generator().manual_seed(1)) * 0.3)
+    folder = scope.save_sae(sae, tmp_path / "sae")
+    args = ["explain", str(tiny_dir), "--prompt", "the king and the queen", "--target", " of the sea",
+            "--sae", str(folder), "--top", "4"]
+    assert main([*args, "--json", "--html", str(tmp_path / "f.html")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    feats = out["features"]
+    assert feats["site"] == "layers.3.resid_post" and len(feats["features"]) == 4
+    assert feats["total"] == pytest.approx(feats["latents"] + feats["bias"] + feats["error"], rel=1e-4, abs=1e-6)
+    assert "SAE features at layers.3.resid_post" in (tmp_path / "f.html").read_text()
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "error share" in text and f"#{feats['features'][0]['feature']}" in text
+
+
 def test_terminal_colours_follow_the_scores():
     from gemmakit.explain import render
     from gemmakit.explain.salience import Salience
