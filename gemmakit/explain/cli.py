@@ -18,7 +18,7 @@ def _add_sae_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site", default=None,
                         help="the SAE's site, e.g. layers.6.resid_post (default: the one the SAE records)")
     parser.add_argument("--store", default=None,
-                        help="an activation store of the same site (gemmakit scope store): density and "
+                        help="an activation store of the same site (gemmakit sae store): density and "
                              "top-activating contexts for the features")
 
 
