@@ -344,9 +344,9 @@ def decode_only(name: str) -> dict:
     if name == "gemmakit":
         import gemmakit
 
-        mod = gemmakit.load(TOKENS["path"]).module
-        _gemmakit_decode_tps(mod, WARMUP_TOKENS)
-        return {"decode_tps": _gemmakit_decode_tps(mod)}
+        model = gemmakit.load(TOKENS["path"])
+        _gemmakit_decode_tps(model, WARMUP_TOKENS)
+        return {"decode_tps": _gemmakit_decode_tps(model)}
     from llama_cpp import Llama
 
     threads = TOKENS["threads"]
