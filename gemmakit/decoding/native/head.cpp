@@ -129,42 +129,59 @@ void int4_matvec(const uint8_t* packed, const uint16_t* sz, int64_t n, int64_t k
 // one accumulator). The block is one sequential stream: 7 cache lines per quarter, prefetched 8 KB ahead.
 constexpr int64_t kQuarterBytes = 448;  // 16 rows x 64 inputs: 4 + 2 planes of 64 bytes, 64 bytes of pairs
 
+template <int R>
 void int3_block(const uint8_t* block, int64_t groups, const int8_t* xq, const float* x_scales,
-                const float* group_sums, float* y) {
+                const float* group_sums, int64_t k, int64_t n, float* y) {
+  // R activation rows at once (row r's codes at xq + r * k, its per-group scales and sums at + r * groups, its
+  // output at y + r * n): the bit planes are unpacked once for all R rows. Each row's integer dot products are exact
+  // and its float steps are those of a row alone, in the same order, so results do not depend on R.
   const __m512i low2 = _mm512_set1_epi8(0x03), four = _mm512_set1_epi8(0x04);
   const __m512i high16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  __m512 out[4];
-  for (auto& o : out) o = _mm512_setzero_ps();
+  __m512 out[R][4];
+  for (int r = 0; r < R; ++r)
+    for (auto& o : out[r]) o = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    int32_t quads[16];  // activations of inputs 4i..4i+3 of this group
-    std::memcpy(quads, xq + g * 64, 64);
-    const __m512 xs = _mm512_set1_ps(x_scales[g]), sums = _mm512_set1_ps(group_sums[g]);
+    int32_t quads[R][16];  // activations of inputs 4i..4i+3 of this group, per row
+    __m512 xs[R], sums[R];
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(quads[r], xq + r * k + g * 64, 64);
+      xs[r] = _mm512_set1_ps(x_scales[r * groups + g]);
+      sums[r] = _mm512_set1_ps(group_sums[r * groups + g]);
+    }
     for (int r4 = 0; r4 < 4; ++r4) {
       const uint8_t* q = block + (g * 4 + r4) * kQuarterBytes;
       for (int line = 0; line < 7; ++line) _mm_prefetch(reinterpret_cast<const char*>(q) + kHeadAhead + 64 * line,
                                                         _MM_HINT_T0);
-      __m512i acc = _mm512_setzero_si512();
+      __m512i acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
       for (int c = 0; c < 4; ++c) {  // low planes: byte j of a lane holds inputs 16c + 4s + j at bits 2s, 2s+1
         const __m512i v = _mm512_loadu_si512(q + c * 64);
-        for (int s = 0; s < 4; ++s)
-          acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 2 * s), low2),
-                                    _mm512_set1_epi32(quads[c * 4 + s]));
+        for (int s = 0; s < 4; ++s) {
+          const __m512i codes = _mm512_and_si512(_mm512_srli_epi16(v, 2 * s), low2);
+          for (int r = 0; r < R; ++r)
+            acc[r] = _mm512_dpbusd_epi32(acc[r], codes, _mm512_set1_epi32(quads[r][c * 4 + s]));
+        }
       }
       for (int c = 0; c < 2; ++c) {  // high planes: byte j holds input 32c + 4s + j at bit s, moved to bit 2
         const __m512i v = _mm512_loadu_si512(q + 256 + c * 64);
         for (int s = 0; s < 8; ++s) {
           const __m512i at2 = s <= 2 ? _mm512_slli_epi16(v, 2 - s) : _mm512_srli_epi16(v, s - 2);
-          acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(at2, four), _mm512_set1_epi32(quads[c * 8 + s]));
+          const __m512i bits = _mm512_and_si512(at2, four);
+          for (int r = 0; r < R; ++r)
+            acc[r] = _mm512_dpbusd_epi32(acc[r], bits, _mm512_set1_epi32(quads[r][c * 8 + s]));
         }
       }
       const __m512i pairs = _mm512_loadu_si512(q + 384);  // (scale, minimum) bf16 of the quarter's 16 rows
       const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
       const __m512 minimum = _mm512_castsi512_ps(_mm512_and_si512(pairs, high16));
-      out[r4] = _mm512_fmadd_ps(scale, _mm512_mul_ps(_mm512_cvtepi32_ps(acc), xs), out[r4]);
-      out[r4] = _mm512_fmadd_ps(minimum, sums, out[r4]);
+      for (int r = 0; r < R; ++r) {
+        out[r][r4] = _mm512_fmadd_ps(scale, _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), xs[r]), out[r][r4]);
+        out[r][r4] = _mm512_fmadd_ps(minimum, sums[r], out[r][r4]);
+      }
     }
   }
-  for (int r4 = 0; r4 < 4; ++r4) _mm512_storeu_ps(y + 16 * r4, out[r4]);
+  for (int r = 0; r < R; ++r)
+    for (int r4 = 0; r4 < 4; ++r4) _mm512_storeu_ps(y + r * n + 16 * r4, out[r][r4]);
 }
 
 // y [batch, n] from the 3-bit ranker of a [n, k] head, and each 64-row block's largest value [batch, n / 64].
@@ -173,13 +190,21 @@ void int3_matvec(const uint8_t* planes, int64_t n, int64_t k, const float* x, in
   const Int8Activations a = quantize_rows(x, batch, k, 64);
   const int64_t blocks = n / 64;
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t blk = 0; blk < blocks; ++blk)
-    for (int64_t b = 0; b < batch; ++b) {
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const uint8_t* block = planes + blk * (k / 64) * 4 * kQuarterBytes;
+    for (int64_t b = 0; b < batch;) {  // up to four activation rows per pass over the block
+      const int64_t rows = std::min<int64_t>(4, batch - b), groups = k / 64;
+      const int8_t* codes = a.codes.data() + b * k;
+      const float *scales = a.scales.data() + b * groups, *sums = a.sums.data() + b * groups;
       float* out = y + b * n + blk * 64;
-      int3_block(planes + blk * (k / 64) * 4 * kQuarterBytes, k / 64, a.codes.data() + b * k, a.scales.data() + b * (k / 64),
-                 a.sums.data() + b * (k / 64), out);
-      block_max[b * blocks + blk] = max64(out);
+      if (rows == 4) int3_block<4>(block, groups, codes, scales, sums, k, n, out);
+      if (rows == 3) int3_block<3>(block, groups, codes, scales, sums, k, n, out);
+      if (rows == 2) int3_block<2>(block, groups, codes, scales, sums, k, n, out);
+      if (rows == 1) int3_block<1>(block, groups, codes, scales, sums, k, n, out);
+      for (int64_t r = 0; r < rows; ++r) block_max[(b + r) * blocks + blk] = max64(out + r * n);
+      b += rows;
     }
+  }
 }
 #endif
 
