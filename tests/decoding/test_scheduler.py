@@ -226,3 +226,20 @@ def test_every_decoder_gives_the_same_tokens(int8_models, family):
         assert outputs[0] == outputs[1]
         scheduled = [[alone(model, Request(p, sampling, 2 * WINDOW), decoder=d) for p in prompts] for d in decoders]
         assert scheduled[0] == scheduled[1]
+
+
+def test_native_steps_a_pool_wider_than_one_call_in_groups(int8_models):
+    """18 rows in a 20-slot pool: the native decoder still runs (in groups of MAX_BATCH) and each row decodes as
+    it does alone."""
+    model = int8_models["gemma3"]
+    decoder = choose_decoder(model).decoder
+    calls = []
+    run = decoder._run  # every native layer pass goes through it
+    decoder._run = lambda binding, ids, rows, times, *a: calls.append(len(rows)) or run(binding, ids, rows, times, *a)
+    requests = [Request(prompt(60 + i, 4 + i % 5), max_new_tokens=30) for i in range(18)]  # all 18 overlap
+    scheduler = Scheduler(model, slots=20, decoder=decoder)
+    handles = [scheduler.submit(r) for r in requests]
+    scheduler.run_until_done(handles)
+    assert max(calls) == native.MAX_BATCH and scheduler._slots.batch_size == 20
+    for handle, request in zip(handles, requests, strict=True):
+        assert handle.tokens == alone(model, request, decoder=decoder)
