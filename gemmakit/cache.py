@@ -187,8 +187,3 @@ class SlotCache:
         below the row's length, and the ring's times are cleared."""
         self._views[row].length = 0
         self.ring_times[row].fill_(-1)
-
-    def nbytes_per_token(self) -> int:
-        """Bytes of keys and values one position takes in the global layers (what a prefix snapshot grows by)."""
-        return sum(2 * k[0, :, 0].numel() * k.element_size()
-                   for layer, k in enumerate(self.keys) if not self.config.is_sliding(layer))

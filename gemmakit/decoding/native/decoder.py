@@ -24,6 +24,7 @@ import torch
 
 from gemmakit.cache import KVCache, SlotCache
 from gemmakit.decoding.native import abi
+from gemmakit.decoding.native.kernels import int8_matvec
 from gemmakit.decoding.protocol import StepDecoder
 from gemmakit.decoding.sampling import argmax_rows
 from gemmakit.errors import InputError
@@ -48,17 +49,51 @@ def supports(model: Transformer) -> bool:
 
 
 @dataclass
+class _HeadBinding:
+    """The LM head's view of one model's weights (no cache involved): gk_rescored_head's arguments when the native
+    head serves this model, the fp32 copy of the int8 table's scales (shared with the step's embedding), and every
+    tensor they point into."""
+
+    head: abi.Head | None  # the native LM head, when it serves this model
+    table_scales: torch.Tensor | None  # fp32 row scales of an int8 embedding table
+    tensors: list[torch.Tensor]
+    vocab: int
+    greedy: bool  # whether gk_greedy_step may choose tokens (a native head, and no final soft-cap)
+
+
+@dataclass
 class _Binding:
-    """The step's view of one model and one cache: the C structs, the LM head's arguments (when the native
-    head serves this model), and every tensor they point into."""
+    """The step's view of one model and one cache: the C structs, the head's binding, and every tensor the
+    structs point into."""
 
     struct: abi.Model
     layers: ctypes.Array
     tensors: list[torch.Tensor]
-    head: abi.Head | None  # the native LM head, when it serves this model
-    vocab: int
-    greedy: bool  # whether gk_greedy_step may choose tokens (a native head, and no final soft-cap)
+    head_binding: _HeadBinding
     scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # h, logits by row count
+
+    @property
+    def head(self) -> abi.Head | None:
+        return self.head_binding.head
+
+    @property
+    def vocab(self) -> int:
+        return self.head_binding.vocab
+
+    @property
+    def greedy(self) -> bool:
+        return self.head_binding.greedy
+
+
+def _bind_head(lib: ctypes.CDLL, model: Transformer) -> _HeadBinding:
+    """The head's binding: read from the weights now (so weights changed between generations are seen)."""
+    emb = model.model.embed_tokens
+    table = emb.table if isinstance(emb, QuantEmbedding) and type(emb.table) is Int8Linear else None
+    table_scales = None if table is None else table.scales.float()  # one fp32 copy for the embedding and the head
+    tensors: list[torch.Tensor] = []
+    head = None if table is None else _head(lib, emb, model.model.norm, table_scales, tensors)
+    return _HeadBinding(head, table_scales, tensors, model.config.vocab_size,
+                        greedy=head is not None and model.config.final_softcap is None)
 
 
 def _head(lib: ctypes.CDLL, emb: QuantEmbedding, norm: RMSNorm, table_scales: torch.Tensor,
@@ -81,7 +116,7 @@ def _head(lib: ctypes.CDLL, emb: QuantEmbedding, norm: RMSNorm, table_scales: to
                  candidates=emb.CANDIDATES, ranker=ranker.planes.data_ptr() if ranks else None)
 
 
-def _bind(lib: ctypes.CDLL, model: Transformer, cache: KVCache | SlotCache) -> _Binding:
+def _bind(model: Transformer, cache: KVCache | SlotCache, head_binding: _HeadBinding) -> _Binding:
     """Pointers to the weights (read now, so weights changed between generations are seen) and to `cache`'s
     buffers, which the step writes in place. A `KVCache` shares one ring record among its rows (one timeline);
     a `SlotCache` keeps one per row."""
@@ -125,7 +160,6 @@ def _bind(lib: ctypes.CDLL, model: Transformer, cache: KVCache | SlotCache) -> _
     softcap = config.attn_softcap
     emb = model.model.embed_tokens
     table = emb.table if isinstance(emb, QuantEmbedding) and type(emb.table) is Int8Linear else None
-    table_scales = None if table is None else table.scales.float()  # one fp32 copy for the embedding and the head
     struct = abi.Model(
         batch=cache.batch_size, hidden=config.hidden_size, heads=config.num_heads, kv_heads=config.num_kv_heads,
         head_dim=config.head_dim, intermediate=config.intermediate_size, num_layers=config.num_layers,
@@ -137,11 +171,9 @@ def _bind(lib: ctypes.CDLL, model: Transformer, cache: KVCache | SlotCache) -> _
         ring_stride=cache.ring_size if isinstance(cache, SlotCache) else 0,
         # the embedding in fp32, E[id] * sqrt(d) with the dequantised int8 row (the eager path rounds it to bf16)
         embed_table=None if table is None else ptr(table.weight_int8),
-        embed_scales=ptr(table_scales),
+        embed_scales=ptr(head_binding.table_scales),
         normaliser=config.hidden_size ** 0.5)
-    head = None if table is None else _head(lib, emb, model.model.norm, table_scales, tensors)
-    return _Binding(struct, layers, tensors, head, config.vocab_size,
-                    greedy=head is not None and config.final_softcap is None)
+    return _Binding(struct, layers, tensors, head_binding)
 
 
 class NativeDecoder(StepDecoder):
@@ -159,7 +191,7 @@ class NativeDecoder(StepDecoder):
         self.lib = lib
         self._bindings: weakref.WeakKeyDictionary[KVCache | SlotCache, _Binding] = weakref.WeakKeyDictionary()
         self._last: tuple[weakref.ref, _Binding] | None = None  # the binding used last, looked up first
-        self._head: tuple[tuple, _Binding] | None = None  # the head's binding for `logits`/`greedy`, by weights
+        self._head: tuple[tuple, _HeadBinding] | None = None  # the head's binding, keyed by the weights
 
     def usable(self, cache: KVCache | SlotCache) -> bool:
         """fp32 cache (CPU storage), no hooks (they need the eager path), and a shared-timeline batch of at most
@@ -207,12 +239,8 @@ class NativeDecoder(StepDecoder):
                 return self.model.cap_logits(logits)
         emb = self.model.model.embed_tokens
         if isinstance(emb, QuantEmbedding) and emb.coarse is None and type(emb.table) is Int8Linear:
-            x = self.model.model.norm(h)  # an int8 head: exact, fp32 activations
-            logits = torch.empty(h.shape[0], emb.num_embeddings)
-            self.lib.gk_int8_matvec(emb.table.weight_int8.data_ptr(), binding.struct.embed_scales, emb.num_embeddings,
-                                    emb.embedding_dim, x.data_ptr(), h.shape[0], logits.data_ptr(),
-                                    torch.get_num_threads())
-            return self.model.cap_logits(logits)
+            # an int8 head: exact, fp32 activations
+            return self.model.cap_logits(int8_matvec(emb.table, self.model.model.norm(h), binding.table_scales))
         return super().logits(h)
 
     def greedy(self, h: torch.Tensor) -> torch.Tensor:
@@ -315,14 +343,15 @@ class NativeDecoder(StepDecoder):
             return self._last[1]
         binding = self._bindings.get(cache)
         if binding is None:
-            binding = self._bindings[cache] = _bind(self.lib, self.model, cache)
+            binding = self._bindings[cache] = _bind(self.model, cache, self._head_binding())
         self._last = (weakref.ref(cache), binding)
         return binding
 
-    def _head_binding(self) -> _Binding:
-        """A binding for head products without a cache (the head's pointers depend only on the weights)."""
+    def _head_binding(self) -> _HeadBinding:
+        """The head's binding, shared by head products and every cache's step; rebuilt when the embedding's
+        buffers change (their pointers or versions)."""
         emb = self.model.model.embed_tokens
         key = tuple((t.data_ptr(), t._version) for t in emb.buffers()) if isinstance(emb, QuantEmbedding) else ()
         if self._head is None or self._head[0] != key:
-            self._head = (key, _bind(self.lib, self.model, KVCache(self.model.config, 1, 1, torch.float32)))
+            self._head = (key, _bind_head(self.lib, self.model))
         return self._head[1]
