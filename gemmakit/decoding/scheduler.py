@@ -386,19 +386,19 @@ class Scheduler:
             self._choose([active], h, decoder)
 
     def _decode(self) -> None:
-        rows = [a for a in self._active if a.decoding]
-        if not rows:
-            return
-        for active in [a for a in rows if self._slots.length(a.row) >= self.context]:
-            self._release(active, "length")  # no room to feed its last token
-        rows = [a for a in rows if a in self._active]
+        rows = []
+        for active in [a for a in self._active if a.decoding]:
+            if self._slots.length(active.row) >= self.context:
+                self._release(active, "length")  # no room to feed its last token
+            else:
+                rows.append(active)
         if not rows:
             return
         ids = torch.tensor([a.last for a in rows], dtype=torch.long, device=self.module.device)
         decoder = self._decoder()
         slot_rows = [a.row for a in rows]
         if decoder.rows_independent and not any(a.request.needs_logits for a in rows):
-            self._emit_tokens(rows, decoder.greedy_rows(ids, self._slots, slot_rows).tolist())
+            self._emit_events(rows, [TokenEvent(t) for t in decoder.greedy_rows(ids, self._slots, slot_rows).tolist()])
             return
         self._choose(rows, decoder.advance_rows(ids, self._slots, slot_rows), decoder)
 
@@ -451,9 +451,6 @@ class Scheduler:
         if sampling.greedy:
             return int(decoder.argmax(logits.view(1, -1).contiguous())[0])
         return int(choose(logits.view(1, -1), sampling, [generator], decoder.argmax)[0])
-
-    def _emit_tokens(self, rows: list[_Active], tokens: list[int]) -> None:
-        self._emit_events(rows, [TokenEvent(t) for t in tokens])
 
     def _emit_events(self, rows: list[_Active], events: list[TokenEvent]) -> None:
         for active, event in zip(rows, events, strict=True):
