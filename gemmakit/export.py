@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -199,12 +200,97 @@ def _tokenizer_arrays(tokenizer: Tokenizer) -> tuple[list[str], list[float], lis
 def save_gguf(module: nn.Module, path: str | Path, tokenizer: Tokenizer, file_type: str = "F16",
               name: str | None = None) -> Path:
     """A GGUF file with weights in `file_type` (F32, F16, BF16 or Q8_0; norms and other 1-D tensors stay F32,
-    as llama.cpp's converter keeps them) and the metadata llama.cpp needs for this family."""
+    as llama.cpp's converter keeps them) and the metadata llama.cpp needs for this family. The module's
+    tensors go through `write_gguf`, so a module and a stream of the same tensors give the same bytes."""
+    config: GemmaConfig = module.config
+    _check_gguf_export(config, tokenizer, file_type)  # before export_state_dict, which may refuse for other reasons
+    state = export_state_dict(module)
+    return write_gguf(path, config, tokenizer, ((hf, state[hf]) for hf, _ in gguf_tensor_plan(config)),
+                      file_type, name)
+
+
+def gguf_tensor_plan(config: GemmaConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """The canonical names and shapes of a model's tensors, in the order `write_gguf` takes and stores them.
+
+    A GGUF header lists every tensor's shape, type and offset before the first byte of data, so a streaming
+    writer must know them all up front: they come from the config (a model built on the meta device, no memory),
+    not from the tensors."""
+    from gemmakit.model import Transformer
+
+    with torch.device("meta"):
+        return [(k, tuple(v.shape)) for k, v in Transformer(config).state_dict().items()]
+
+
+def write_gguf(path: str | Path, config: GemmaConfig, tokenizer: Tokenizer,
+               tensors: Iterable[tuple[str, torch.Tensor]], file_type: str = "F16", name: str | None = None,
+               *, progress: bool = False, chunk_bytes: int = 64 << 20) -> Path:
+    """Stream a model into a GGUF file: `tensors` yields (canonical name, tensor) pairs one at a time, in
+    `gguf_tensor_plan(config)`'s order, and each is converted and written before the next is asked for.
+
+    Why: a 9B model in fp32 is ~37 GB; written this way the writer holds one tensor plus its converted copy
+    (none when the tensor is already in the file's dtype), so a caller that makes tensors lazily (random weights,
+    a shard reader) writes any size in little memory. Rows are converted `chunk_bytes` at a time (F16, BF16 and
+    Q8_0 are row-wise formats, so the bytes equal a whole-tensor conversion). The file appears under its name
+    only when complete."""
     import gguf
 
+    from gemmakit.weights.gguf import gguf_name
+
+    _check_gguf_export(config, tokenizer, file_type)
+    path = Path(path)
+    arch = config.family
+    qtype = gguf.GGMLQuantizationType[file_type]
+    plan = [(hf, shape, _gguf_kind(shape, qtype)) for hf, shape in gguf_tensor_plan(config)]
+    tmp = Path(str(path) + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        _write_metadata(writer, config, name or config.name or f"{arch}-export", file_type)
+        _write_tokenizer(writer, tokenizer)
+        for hf, shape, kind in plan:
+            nbytes = _gguf_nbytes(shape, kind)
+            writer.add_tensor_info(gguf_name(hf, arch), shape, np.dtype(np.float32), nbytes,
+                                   raw_dtype=None if kind == gguf.GGMLQuantizationType.F32 else kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(_gguf_nbytes(s, k) for _, s, k in plan), unit="B", unit_scale=True,
+                       desc=f"writing {path.name}")
+        stream = iter(tensors)
+        for i, (hf, shape, kind) in enumerate(plan):
+            item = next(stream, None)
+            if item is None:
+                raise InputError(f"{path}: the tensor stream ended after {i} of {len(plan)} tensors; "
+                                 f"{hf} and later are missing")
+            got, tensor = item
+            if got != hf or tuple(tensor.shape) != shape:
+                raise InputError(f"{path}: tensor #{i} is {got} {tuple(tensor.shape)}, expected {hf} {shape}; "
+                                 "write_gguf takes tensors in gguf_tensor_plan(config)'s order")
+            array = _gguf_array(tensor, kind, hf.endswith("norm.weight"), chunk_bytes)
+            del item, tensor
+            writer.write_tensor_data(array)
+            if bar is not None:
+                bar.update(array.nbytes)
+            del array
+        if next(stream, None) is not None:
+            raise InputError(f"{path}: the tensor stream has more than the model's {len(plan)} tensors")
+        if bar is not None:
+            bar.close()
+        writer.close()
+        tmp.replace(path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_gguf_export(config: GemmaConfig, tokenizer: Tokenizer, file_type: str) -> None:
     if file_type not in GGUF_TYPES:
         raise InputError(f"GGUF file type {file_type!r} is not supported; choose one of {', '.join(GGUF_TYPES)}")
-    config: GemmaConfig = module.config
     expected = _expected_query_scalar(config)
     if abs(config.query_pre_attn_scalar - expected) > 1e-6:
         raise InputError(f"GGUF has no key for query_pre_attn_scalar={config.query_pre_attn_scalar:g}; llama.cpp "
@@ -212,35 +298,60 @@ def save_gguf(module: nn.Module, path: str | Path, tokenizer: Tokenizer, file_ty
     if tokenizer.vocab_size != config.vocab_size:
         raise InputError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is "
                          f"{config.vocab_size}; GGUF readers take the vocabulary size from the token list")
-    state = export_state_dict(module)
-    path = Path(path)
-    arch = config.family
-    writer = gguf.GGUFWriter(str(path) + ".tmp", arch)
-    _write_metadata(writer, config, name or config.name or f"{arch}-export", file_type)
-    _write_tokenizer(writer, tokenizer)
-    qtype = gguf.GGMLQuantizationType[file_type]
-    from gemmakit.weights.gguf import gguf_name
 
-    for hf, tensor in state.items():
-        data = tensor.float()
-        if hf.endswith("norm.weight"):
-            data = data + 1.0  # llama.cpp stores the effective multiplier (1 + w)
-        array = data.cpu().numpy()
-        kind = qtype if array.ndim == 2 else gguf.GGMLQuantizationType.F32
-        if kind == gguf.GGMLQuantizationType.Q8_0 and array.shape[-1] % 32:
-            kind = gguf.GGMLQuantizationType.F16  # rows not a multiple of the 32-wide block
-        if kind == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name(hf, arch), array.astype(np.float32))
-        elif kind == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(gguf_name(hf, arch), array.astype(np.float16))
-        else:
-            writer.add_tensor(gguf_name(hf, arch), gguf.quants.quantize(array, kind), raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    Path(str(path) + ".tmp").replace(path)
-    return path
+
+def _gguf_kind(shape: tuple[int, ...], qtype: Any) -> Any:
+    """Matrices in the file's type; norms and other 1-D tensors F32; Q8_0 rows not a multiple of 32 in F16."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if len(shape) != 2:
+        return Q.F32
+    if qtype == Q.Q8_0 and shape[-1] % 32:
+        return Q.F16
+    return qtype
+
+
+def _gguf_nbytes(shape: tuple[int, ...], kind: Any) -> int:
+    import gguf
+
+    block, type_size = gguf.GGML_QUANT_SIZES[kind]
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return rows * (shape[-1] // block) * type_size
+
+
+def _gguf_array(tensor: torch.Tensor, kind: Any, is_norm: bool, chunk_bytes: int) -> np.ndarray:
+    """The tensor as the bytes (or the float array) the file stores, converted a block of rows at a time."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    tensor = tensor.detach().cpu()
+    if is_norm:  # llama.cpp stores the effective multiplier (1 + w); 1-D, so small
+        tensor = tensor.float() + 1.0
+    same = {Q.F32: torch.float32, Q.F16: torch.float16}.get(kind)
+    if same is not None and tensor.dtype == same:
+        return tensor.contiguous().numpy()  # already what the file stores: no copy
+    if tensor.dim() < 2:
+        return _convert_rows(tensor.float().numpy(), kind)
+    rows, cols = tensor.shape
+    step = max(1, chunk_bytes // (4 * cols))
+    first = _convert_rows(tensor[:step].float().numpy(), kind)
+    out = np.empty((rows, first.shape[1]), dtype=first.dtype)
+    out[:step] = first
+    for r in range(step, rows, step):
+        out[r:r + step] = _convert_rows(tensor[r:r + step].float().numpy(), kind)
+    return out
+
+
+def _convert_rows(array: np.ndarray, kind: Any) -> np.ndarray:
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if kind == Q.F32:
+        return array.astype(np.float32)
+    if kind == Q.F16:
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array, kind)
 
 
 def _write_metadata(writer: Any, config: GemmaConfig, name: str, file_type: str) -> None:
