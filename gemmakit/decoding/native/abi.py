@@ -88,3 +88,12 @@ def bind_functions(lib: ctypes.CDLL) -> None:
     lib.gk_argmax.restype = None
     lib.gk_has_int4_matvec.argtypes = []
     lib.gk_has_int4_matvec.restype = ctypes.c_int
+    for name in ("gk_block_matvec", "gk_block_matvec_scalar"):  # blocks.cpp
+        getattr(lib, name).argtypes = [_i64, _ptr, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_int]
+        getattr(lib, name).restype = ctypes.c_int
+    lib.gk_quantize_act.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr]
+    lib.gk_quantize_act.restype = None
+    lib.gk_has_block_kernels.argtypes = []
+    lib.gk_has_block_kernels.restype = ctypes.c_int
+    lib.gk_block_kernels_vnni.argtypes = []
+    lib.gk_block_kernels_vnni.restype = ctypes.c_int

@@ -5,7 +5,8 @@
 flags, so an edit, a new compiler or another machine builds anew. The file appears atomically (parallel builds
 are safe). Without a compiler, or with `GEMMAKIT_NATIVE=0`, `library()` returns None and says why once.
 One source per concern: `layers.cpp` (the decode step), `head.cpp` (LM heads, ranker, argmax), `abi.cpp`
-(struct layouts); a kernel for another weight format gets a file of its own.
+(struct layouts), `blocks.cpp` (matrix-vector products over a GGUF file's own blocks, whose kernels are in
+`blocks.h` for the decode step to inline); a kernel for another weight format gets a file of its own.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from pathlib import Path
 from gemmakit.decoding.native import abi
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "layers.cpp", HERE / "head.cpp", HERE / "abi.cpp")
-HEADERS = (HERE / "common.h",)
+SOURCES = (HERE / "layers.cpp", HERE / "head.cpp", HERE / "abi.cpp", HERE / "blocks.cpp")
+HEADERS = (HERE / "common.h", HERE / "blocks.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 

@@ -1,7 +1,9 @@
 """The native LM-head kernels as plain functions of a quantised linear and activations (fp32 in, fp32 out).
 
 The decoder's int8 head calls `int8_matvec`; the int4 kernel runs inside the rescored head, and its wrapper exists
-so it can be checked against its definition on its own (tests/decoding/test_native_decode.py).
+so it can be checked against its definition on its own (tests/decoding/test_native_decode.py). `block_matvec`
+multiplies by a GGUF tensor's own blocks (gemmakit/blocks.py's BlockLinear; checked in
+tests/decoding/test_block_kernels.py).
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import torch
 from gemmakit.decoding.native.build import library
 from gemmakit.errors import InputError
 from gemmakit.quant import Int4Linear, Int8Linear
+from gemmakit.weights.gguf_quants import BLOCK_SIZES, type_name
+
+# ggml type ids the block kernels (blocks.h) compute with
+BLOCK_KERNEL_TYPES = frozenset({2, 6, 8, 12, 13, 14})  # Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K
 
 
 def int8_matvec(lin: Int8Linear, x: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,4 +44,42 @@ def int4_matvec(lin: Int4Linear, x: torch.Tensor) -> torch.Tensor:
     if done != 0:
         raise InputError(f"the native int4 kernel does not take a [{lin.out_features}, {lin.in_features}] weight "
                          f"with groups of {lin.group}")
+    return y
+
+
+def has_block_kernels() -> bool:
+    """True when the native library is available with its block kernels (blocks.cpp)."""
+    lib = library()
+    return lib is not None and bool(lib.gk_has_block_kernels())
+
+
+def block_matvec(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, *, scalar: bool = False) -> torch.Tensor:
+    """x [M, cols] W^T -> [M, rows] for W stored as ggml blocks, uint8 [rows, row_bytes] exactly as a GGUF holds it.
+
+    x is rounded to int8 in blocks of 32 values (one fp32 scale each) and every block's integer dot product is exact;
+    each output is a function of its own weight row and activation row only (the same in any batch, with any thread
+    count). `scalar=True` runs the portable reference kernel instead of the vector one (for tests).
+    """
+    ggml_type = int(ggml_type)
+    if ggml_type not in BLOCK_KERNEL_TYPES:
+        raise InputError(f"block_matvec: ggml type {type_name(ggml_type)} has no native block kernel (supported: "
+                         f"{', '.join(type_name(t) for t in sorted(BLOCK_KERNEL_TYPES))})")
+    lib = library()
+    if lib is None:
+        raise InputError("block_matvec: the native library is unavailable")
+    block, size = BLOCK_SIZES[ggml_type]
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] % size:
+        raise InputError(f"block_matvec: expected uint8 rows of whole {type_name(ggml_type)} blocks ({size} bytes "
+                         f"each), got {blocks.dtype} {list(blocks.shape)}")
+    rows, cols = blocks.shape[0], blocks.shape[1] // size * block
+    if x.shape[-1] != cols:
+        raise InputError(f"block_matvec: activations of width {x.shape[-1]} do not match the weight's {cols} "
+                         f"inputs ({type_name(ggml_type)} [{rows}, {cols}])")
+    blocks = blocks.contiguous()
+    x = x.reshape(-1, cols).to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], rows)
+    fn = lib.gk_block_matvec_scalar if scalar else lib.gk_block_matvec
+    if fn(ggml_type, blocks.data_ptr(), rows, cols, x.data_ptr(), x.shape[0], y.data_ptr(),
+          torch.get_num_threads()) != 0:
+        raise InputError(f"block_matvec: the native kernel refused {type_name(ggml_type)} [{rows}, {cols}]")
     return y

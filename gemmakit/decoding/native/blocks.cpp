@@ -1,0 +1,72 @@
+// The block kernels (blocks.h) as plain entry points: a matrix-vector product over a GGUF tensor's own blocks, for
+// the eager path (gemmakit/blocks.py's BlockLinear) and for the tests that check the kernels against gguf-py.
+#include "blocks.h"
+
+using namespace gk;
+
+extern "C" {
+
+// 1: this library has the block kernels (with the VNNI path or the scalar one: both compute the same integers).
+int gk_has_block_kernels() { return 1; }
+
+// 1 when the AVX512-VNNI path is compiled in (for the bench's report; the results do not depend on it beyond fp32
+// rounding of the per-block combination).
+int gk_block_kernels_vnni() { return GK_BLOCKS_VNNI; }
+
+void gk_quantize_act(const float* x, int64_t k, int8_t* q, float* d, int32_t* sums) {
+  if (k > 0 && k % kActBlock == 0) quantize_act(x, k, q, d, sums);
+}
+
+}  // extern "C"
+
+namespace {
+
+// y [m, rows] = x [m, cols] W^T (see gk_block_matvec), with the vector kernels or the scalar reference.
+int matvec(int64_t type, const uint8_t* w, int64_t rows, int64_t cols, const float* x, int64_t m, float* y,
+           int threads, bool scalar) {
+  const int64_t row_bytes = block_row_bytes(type, cols);
+  if (row_bytes < 0 || cols % kActBlock != 0 || rows < 0 || m < 0) return -1;
+  if (rows == 0 || m == 0) return 0;
+  const int64_t nb = cols / kActBlock;
+  std::vector<int8_t> q(static_cast<size_t>(m * cols));
+  std::vector<float> d(static_cast<size_t>(m * nb));
+  std::vector<int32_t> sums(static_cast<size_t>(m * nb));
+#pragma omp parallel num_threads(std::max(threads, 1))
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < m; ++i)
+      quantize_act(x + i * cols, cols, q.data() + i * cols, d.data() + i * nb, sums.data() + i * nb);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* row = w + r * row_bytes;
+      for (int64_t i = 0; i < m; ++i) {
+        const ActRow act = {q.data() + i * cols, d.data() + i * nb, sums.data() + i * nb};
+        y[i * rows + r] = scalar ? block_dot_scalar(type, row, act, cols) : block_dot(type, row, act, cols);
+      }
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// y [m, rows] = x [m, cols] W^T for W [rows, cols] stored as ggml blocks of `type`, rows of block_row_bytes each.
+// Each activation row is quantised once; the rows of W are split among the threads in static contiguous runs, and
+// each weight row is dotted with all m activation rows while it is in L1. Every y value is block_dot of its own
+// weight row and activation row, so it is the same whatever m or the thread count. Returns 0, or -1 for an
+// unsupported type or cols that are not whole blocks.
+int gk_block_matvec(int64_t type, const uint8_t* w, int64_t rows, int64_t cols, const float* x, int64_t m, float* y,
+                    int threads) {
+  return matvec(type, w, rows, cols, x, m, y, threads, false);
+}
+
+// The same with the scalar reference kernel whatever the build (so the tests check it on a VNNI machine too: it
+// computes the same integer block sums, combined in another fp32 order).
+int gk_block_matvec_scalar(int64_t type, const uint8_t* w, int64_t rows, int64_t cols, const float* x, int64_t m,
+                           float* y, int threads) {
+  return matvec(type, w, rows, cols, x, m, y, threads, true);
+}
+
+}  // extern "C"

@@ -1,0 +1,424 @@
+// Dot products over a GGUF file's own quantised blocks (Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) and int8 activations.
+//
+// Why: a Q4_K_M file's layers are 4.5-6.5 bits a weight; decoding reads every weight once per token, so computing
+// straight from the file's blocks reads about the file's bytes instead of int8's (twice as many for Q4_K), and the
+// model computed is the file's own (w = the dequantised weights of gguf.quants / ggml-quants.c, exactly).
+//
+// Numerics: an activation row is rounded to int8 in blocks of 32 values with one fp32 scale, x ~= d * q (error at
+// most d/2 a value; the test derives its bound from that). Each weight block's integer dot product with the q's is
+// exact (int32); the per-block scales then combine in fp32: d_w * sc * d_x * sum(q_w q_x) - dmin * m * d_x * sum(q_x)
+// for the K-quants with mins, d_w * d_x * sum((q_w - offset) q_x) for the others. The float work is in a fixed order
+// that depends only on k, so one (weight row, activation row) pair gives one value whatever the batch, the threads
+// or the call order (the engine's batch invariance); a build with and one without AVX512-VNNI give the same
+// integers but may round their float combination differently.
+//
+// Block layouts (llama.cpp's ggml-common.h; gguf-py's quants.py decodes the same):
+//   Q4_0  (32 values, 18 bytes): fp16 d, qs[16]: value j < 16 = low nibble of qs[j], j >= 16 = high nibble of
+//         qs[j - 16]; w = d * (q - 8).
+//   Q5_0  (32, 22): fp16 d, uint32 qh (bit j: value j's 5th bit), qs[16] as Q4_0; w = d * (q - 16).
+//   Q8_0  (32, 34): fp16 d, int8 qs[32]; w = d * q.
+//   Q4_K  (256, 144): fp16 d, fp16 dmin, scales[12] (8 six-bit scales and 8 six-bit mins), qs[128]: chunk c of 32
+//         bytes holds sub-block 2c in its low nibbles and 2c + 1 in its high nibbles; w = d * sc_j * q - dmin * m_j.
+//   Q5_K  (256, 176): as Q4_K with qh[32] before qs: bit j of qh[l] is the 5th bit of value l of sub-block j.
+//   Q6_K  (256, 210): ql[128], qh[64], int8 scales[16] (one per 16 values), fp16 d; half h (128 values) uses
+//         ql[64h..64h+64) and qh[32h..32h+32): its quarter s, value l takes a nibble of ql[64h + 32(s & 1) + l] (low
+//         for s < 2) and bits 2s, 2s+1 of qh[32h + l] as bits 4-5; w = d * scales[i / 16] * (q - 32).
+#pragma once
+#include "common.h"
+
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define GK_BLOCKS_VNNI 1
+#else
+#define GK_BLOCKS_VNNI 0
+#endif
+
+namespace gk {
+namespace {
+
+constexpr int64_t kActBlock = 32;  // activations are quantised in blocks of 32 values
+
+// One activation row quantised: q[k] int8, d[k/32] fp32 scales (x ~= d * q), sums[k/32] = sum of the 32 q's.
+struct ActRow {
+  const int8_t* q;
+  const float* d;
+  const int32_t* sums;
+};
+
+constexpr int64_t kQ4_0 = 2, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
+constexpr int64_t kSuper = 256;  // values in a K-quant super-block
+
+// fp16 bits -> fp32, exactly (subnormals, infinities and NaNs included); F16C's instruction where there is one.
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    exp = 113;
+    while ((man & 0x400u) == 0) {
+      man <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+bool block_supported(int64_t ggml_type) {
+  switch (ggml_type) {
+    case kQ4_0: case kQ5_0: case kQ8_0: case kQ4_K: case kQ5_K: case kQ6_K: return true;
+    default: return false;
+  }
+}
+
+// Values per block and bytes per block of a supported type (0, 0 otherwise).
+inline void block_shape(int64_t ggml_type, int64_t* values, int64_t* bytes) {
+  switch (ggml_type) {
+    case kQ4_0: *values = 32; *bytes = 18; return;
+    case kQ5_0: *values = 32; *bytes = 22; return;
+    case kQ8_0: *values = 32; *bytes = 34; return;
+    case kQ4_K: *values = kSuper; *bytes = 144; return;
+    case kQ5_K: *values = kSuper; *bytes = 176; return;
+    case kQ6_K: *values = kSuper; *bytes = 210; return;
+    default: *values = 0; *bytes = 0; return;
+  }
+}
+
+// Bytes of one row of k values; -1 if the type is unsupported or k is not whole blocks.
+int64_t block_row_bytes(int64_t ggml_type, int64_t k) {
+  int64_t values, bytes;
+  block_shape(ggml_type, &values, &bytes);
+  if (values == 0 || k <= 0 || k % values != 0) return -1;
+  return k / values * bytes;
+}
+
+// x[k] (k % 32 == 0) -> q, d, sums. d = max|x_block| / 127, q = x / d rounded to nearest (ties to even, the
+// default rounding mode) and clamped to [-127, 127] (only reachable when d is subnormal); d == 0 -> q = 0.
+// The vector and scalar loops compute the same IEEE operations, so both give the same bytes.
+void quantize_act(const float* x, int64_t k, int8_t* q, float* d, int32_t* sums) {
+  for (int64_t b = 0; b < k / kActBlock; ++b) {
+    const float* xb = x + b * kActBlock;
+    int8_t* qb = q + b * kActBlock;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    const float db = amax / 127.0f;
+    d[b] = db;
+    if (!(db != 0.0f)) {  // zero (or NaN: then the block is garbage anyway, but deterministic)
+      std::memset(qb, 0, kActBlock);
+      sums[b] = 0;
+      continue;
+    }
+    const __m512 vd = _mm512_set1_ps(db), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    // max(r, -127) returns -127 for a NaN r, as std::fmax does
+    const __m512 r0 = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_div_ps(x0, vd), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+    const __m512 r1 = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_div_ps(x1, vd), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+    const __m512i i0 = _mm512_cvtps_epi32(r0), i1 = _mm512_cvtps_epi32(r1);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtepi32_epi8(i0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm512_cvtepi32_epi8(i1));
+    sums[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+#else
+    float amax = 0.0f;
+    for (int64_t i = 0; i < kActBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float db = amax / 127.0f;
+    d[b] = db;
+    int32_t s = 0;
+    for (int64_t i = 0; i < kActBlock; ++i) {
+      int v = 0;
+      if (db != 0.0f) v = static_cast<int>(std::fmin(std::fmax(std::nearbyint(xb[i] / db), -127.0f), 127.0f));
+      qb[i] = static_cast<int8_t>(v);
+      s += v;
+    }
+    sums[b] = s;
+#endif
+  }
+}
+
+// Q4_K/Q5_K's twelve scale bytes -> out[0..8) the six-bit scales, out[8..16) the six-bit mins (ggml's
+// get_scale_min_k4 for all eight sub-blocks at once, on 32-bit words).
+inline void k4_scales(const uint8_t* packed, uint8_t out[16]) {
+  uint32_t u[4];
+  std::memcpy(u, packed, 12);
+  const uint32_t m1 = 0x3f3f3f3fu, m2 = 0x0f0f0f0fu, m3 = 0x03030303u;
+  u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+  const uint32_t mins_lo = u[1] & m1;
+  u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+  u[2] = mins_lo;
+  u[0] &= m1;
+  std::memcpy(out, u, 16);
+}
+
+inline void prefetch_bytes(const uint8_t* p, int64_t bytes) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead + o), _MM_HINT_T0);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// --- scalar reference: the same integers as the vector path -------------------------------------------------------
+// Decoded codes of one block (q - offset for the symmetric types, the unsigned code for Q4_K/Q5_K), 32 or 256.
+inline void decode_codes(int64_t type, const uint8_t* blk, int32_t* out) {
+  switch (type) {
+    case kQ8_0:
+      for (int j = 0; j < 32; ++j) out[j] = static_cast<int8_t>(blk[2 + j]);
+      return;
+    case kQ4_0:
+      for (int j = 0; j < 16; ++j) {
+        out[j] = (blk[2 + j] & 0xf) - 8;
+        out[j + 16] = (blk[2 + j] >> 4) - 8;
+      }
+      return;
+    case kQ5_0: {
+      uint32_t qh;
+      std::memcpy(&qh, blk + 2, 4);
+      for (int j = 0; j < 16; ++j) {
+        out[j] = ((blk[6 + j] & 0xf) | (((qh >> j) & 1) << 4)) - 16;
+        out[j + 16] = ((blk[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16;
+      }
+      return;
+    }
+    case kQ4_K:
+    case kQ5_K: {
+      const uint8_t* qs = blk + (type == kQ4_K ? 16 : 48);
+      for (int c = 0; c < 4; ++c)
+        for (int l = 0; l < 32; ++l) {
+          out[64 * c + l] = qs[32 * c + l] & 0xf;
+          out[64 * c + 32 + l] = qs[32 * c + l] >> 4;
+        }
+      if (type == kQ5_K)
+        for (int j = 0; j < 8; ++j)
+          for (int l = 0; l < 32; ++l) out[32 * j + l] |= ((blk[16 + l] >> j) & 1) << 4;
+      return;
+    }
+    case kQ6_K:
+      for (int h = 0; h < 2; ++h)
+        for (int s = 0; s < 4; ++s)
+          for (int l = 0; l < 32; ++l) {
+            const uint8_t lo = blk[64 * h + 32 * (s & 1) + l];
+            const int nib = s < 2 ? (lo & 0xf) : (lo >> 4);
+            out[128 * h + 32 * s + l] = (nib | (((blk[128 + 32 * h + l] >> (2 * s)) & 3) << 4)) - 32;
+          }
+      return;
+    default:
+      return;
+  }
+}
+
+float block_dot_scalar(int64_t type, const uint8_t* row, const ActRow& x, int64_t k) {
+  int64_t values, bytes;
+  block_shape(type, &values, &bytes);
+  int32_t codes[kSuper];
+  float sum = 0.0f;
+  for (int64_t blk_i = 0; blk_i < k / values; ++blk_i) {
+    const uint8_t* blk = row + blk_i * bytes;
+    const int8_t* xq = x.q + blk_i * values;
+    decode_codes(type, blk, codes);
+    if (values == 32) {  // Q4_0, Q5_0, Q8_0: one activation block
+      int32_t dot = 0;
+      for (int j = 0; j < 32; ++j) dot += codes[j] * xq[j];
+      sum += half_to_float(blk) * x.d[blk_i] * static_cast<float>(dot);
+      continue;
+    }
+    const float* dx = x.d + blk_i * 8;
+    const int32_t* sx = x.sums + blk_i * 8;
+    if (type == kQ6_K) {
+      const float d = half_to_float(blk + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+      for (int b = 0; b < 8; ++b) {
+        int32_t dot = 0;
+        for (int l = 0; l < 32; ++l) dot += sc[2 * b + l / 16] * codes[32 * b + l] * xq[32 * b + l];
+        sum += d * dx[b] * static_cast<float>(dot);
+      }
+      continue;
+    }
+    const float d = half_to_float(blk), dmin = half_to_float(blk + 2);
+    uint8_t sm[16];
+    k4_scales(blk + 4, sm);
+    for (int j = 0; j < 8; ++j) {
+      int32_t dot = 0;
+      for (int l = 0; l < 32; ++l) dot += codes[32 * j + l] * xq[32 * j + l];
+      sum += d * static_cast<float>(sm[j]) * dx[j] * static_cast<float>(dot);
+      sum -= dmin * static_cast<float>(sm[8 + j]) * dx[j] * static_cast<float>(sx[j]);
+    }
+  }
+  return sum;
+}
+
+// --- AVX512-VNNI path ----------------------------------------------------------------------------------------------
+// One 256-bit register per activation block of 32: vpdpbusd multiplies unsigned weight codes by signed activations,
+// four products into each int32 lane, exactly; each lane (a partial sum over 4 values) is converted to fp32 and
+// multiplied into a float accumulator by the block's factor, so there is no horizontal sum per block. Offsets are
+// taken off per lane (a second vpdpbusd with the constant offset), so every float term is a partial sum of the
+// true products w * x_hat: the fp32 error stays relative to sum |w x_hat| (the test's slack relies on it).
+#if GK_BLOCKS_VNNI
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// lanes of sum((q - offset) * x) for unsigned codes q
+inline __m256i offset_dot(__m256i codes, __m256i xq, __m256i offset) {
+  const __m256i zero = _mm256_setzero_si256();
+  return _mm256_sub_epi32(_mm256_dpbusd_epi32(zero, codes, xq), _mm256_dpbusd_epi32(zero, offset, xq));
+}
+
+float dot_q8_0(const uint8_t* row, const ActRow& x, int64_t k) {
+  const int64_t nb = k / 32;
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + 34 * b;
+    if ((b & 1) == 0) prefetch_bytes(blk, 68);
+    const __m256i w = load256(blk + 2), xq = load256(x.q + 32 * b);
+    // |w| (unsigned; -128 -> 128) times x with w's sign: the products w * x exactly
+    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xq, w));
+    acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_to_float(blk) * x.d[b]), acc[b & 1]);
+  }
+  return hsum(_mm256_add_ps(acc[0], acc[1]));
+}
+
+// Q4_0 and Q5_0: 16 bytes of nibbles -> 32 codes (value j < 16 low nibbles, j >= 16 high)
+inline __m256i nibbles32(const uint8_t* qs) {
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f));
+}
+
+template <bool kFive>
+float dot_q4_0_q5_0(const uint8_t* row, const ActRow& x, int64_t k) {
+  constexpr int64_t bytes = kFive ? 22 : 18;
+  const int64_t nb = k / 32;
+  const __m256i offset = _mm256_set1_epi8(kFive ? 16 : 8), bit4 = _mm256_set1_epi8(0x10);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + bytes * b;
+    if ((b & 1) == 0) prefetch_bytes(blk, 2 * bytes);
+    __m256i codes = nibbles32(blk + (kFive ? 6 : 2));
+    if (kFive) {
+      uint32_t qh;
+      std::memcpy(&qh, blk + 2, 4);
+      codes = _mm256_mask_add_epi8(codes, static_cast<__mmask32>(qh), codes, bit4);
+    }
+    const __m256i p = offset_dot(codes, load256(x.q + 32 * b), offset);
+    acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_to_float(blk) * x.d[b]), acc[b & 1]);
+  }
+  return hsum(_mm256_add_ps(acc[0], acc[1]));
+}
+
+inline __m256 broadcast_lane(__m256 v, int j) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j)); }
+
+// Q4_K and Q5_K: per super-block, the 8 sub-blocks' factors d * sc_j * d_x,j in one vector, and the mins' term
+// dmin * m_j * d_x,j * sum(q_x) for all 8 sub-blocks in one multiply-add.
+template <bool kFive>
+float dot_q4_k_q5_k(const uint8_t* row, const ActRow& x, int64_t k) {
+  constexpr int64_t bytes = kFive ? 176 : 144;
+  const int64_t ns = k / kSuper;
+  const __m256i low4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, mins = _mm256_setzero_ps();
+  for (int64_t s = 0; s < ns; ++s) {
+    const uint8_t* blk = row + bytes * s;
+    prefetch_bytes(blk, bytes);
+    const float* dx = x.d + 8 * s;
+    const int8_t* xq = x.q + kSuper * s;
+    alignas(16) uint8_t sm[16];
+    k4_scales(blk + 4, sm);
+    const __m256 dxv = _mm256_loadu_ps(dx);
+    const __m128i smv = _mm_load_si128(reinterpret_cast<const __m128i*>(sm));
+    const __m256 scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv));
+    const __m256 mf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8)));
+    const __m256 f = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(half_to_float(blk)), scf), dxv);
+    const __m256 fm = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(half_to_float(blk + 2)), mf), dxv);
+    mins = _mm256_fmadd_ps(fm, _mm256_cvtepi32_ps(load256(x.sums + 8 * s)), mins);
+    const uint8_t* qs = blk + (kFive ? 48 : 16);
+    __m256i qh;
+    if (kFive) qh = load256(blk + 16);
+    for (int c = 0; c < 4; ++c) {
+      const __m256i q = load256(qs + 32 * c);
+      __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+      if (kFive) {
+        lo = _mm256_mask_add_epi8(lo, _mm256_test_epi8_mask(qh, _mm256_set1_epi8(static_cast<char>(1 << (2 * c)))), lo, bit4);
+        hi = _mm256_mask_add_epi8(hi, _mm256_test_epi8_mask(qh, _mm256_set1_epi8(static_cast<char>(1 << (2 * c + 1)))), hi, bit4);
+      }
+      const __m256i p0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, load256(xq + 64 * c));
+      const __m256i p1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi, load256(xq + 64 * c + 32));
+      acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), broadcast_lane(f, 2 * c), acc[0]);
+      acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), broadcast_lane(f, 2 * c + 1), acc[1]);
+    }
+  }
+  return hsum(_mm256_add_ps(acc[0], acc[1])) - hsum(mins);
+}
+
+// Q6_K: lanes of sum((q - 32) x) times each lane's int8 scale (lanes 0-3 are a block's first 16 values, 4-7 its
+// last 16) stay exact in int32 (at most 4 * 32 * 127 * 128), then one fp32 factor d * d_x per block.
+float dot_q6_k(const uint8_t* row, const ActRow& x, int64_t k) {
+  const int64_t ns = k / kSuper;
+  const __m256i low4 = _mm256_set1_epi8(0x0f), bits45 = _mm256_set1_epi8(0x30), offset = _mm256_set1_epi8(32);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t s = 0; s < ns; ++s) {
+    const uint8_t* blk = row + 210 * s;
+    prefetch_bytes(blk, 210);
+    const int8_t* xq = x.q + kSuper * s;
+    const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
+    const __m256 f = _mm256_mul_ps(_mm256_set1_ps(half_to_float(blk + 208)), _mm256_loadu_ps(x.d + 8 * s));
+    for (int h = 0; h < 2; ++h) {
+      const __m256i l0 = load256(blk + 64 * h), l1 = load256(blk + 64 * h + 32), qh = load256(blk + 128 + 32 * h);
+      const __m256i codes[4] = {
+          _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), bits45)),
+          _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), bits45)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(qh, bits45)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                          _mm256_and_si256(_mm256_srli_epi16(qh, 2), bits45)),
+      };
+      for (int q = 0; q < 4; ++q) {
+        const int b = 4 * h + q;  // activation block within the super-block; its scales are 2b and 2b + 1
+        const __m256i lane_scale = _mm512_castsi512_si256(
+            _mm512_permutexvar_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2 * b + 1, 2 * b + 1, 2 * b + 1,
+                                                      2 * b + 1, 2 * b, 2 * b, 2 * b, 2 * b), sc));
+        const __m256i p = _mm256_mullo_epi32(offset_dot(codes[q], load256(xq + 32 * b), offset), lane_scale);
+        acc[q & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), broadcast_lane(f, b), acc[q & 1]);
+      }
+    }
+  }
+  return hsum(_mm256_add_ps(acc[0], acc[1]));
+}
+#endif  // GK_BLOCKS_VNNI
+
+// sum_i w[i] * x[i] for one weight row stored as ggml blocks and one quantised activation row (0 if unsupported).
+float block_dot(int64_t ggml_type, const uint8_t* row, const ActRow& x, int64_t k) {
+#if GK_BLOCKS_VNNI
+  switch (ggml_type) {
+    case kQ8_0: return dot_q8_0(row, x, k);
+    case kQ4_0: return dot_q4_0_q5_0<false>(row, x, k);
+    case kQ5_0: return dot_q4_0_q5_0<true>(row, x, k);
+    case kQ4_K: return dot_q4_k_q5_k<false>(row, x, k);
+    case kQ5_K: return dot_q4_k_q5_k<true>(row, x, k);
+    case kQ6_K: return dot_q6_k(row, x, k);
+    default: return 0.0f;
+  }
+#else
+  if (!block_supported(ggml_type)) return 0.0f;
+  return block_dot_scalar(ggml_type, row, x, k);
+#endif
+}
+
+}  // namespace
+}  // namespace gk
