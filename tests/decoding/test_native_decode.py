@@ -148,9 +148,21 @@ def test_fused_greedy_step_chooses_what_step_and_argmax_choose(tmp_path):
     assert (weight_bytes_per_token(model) - weight_bytes_per_token(model, ranked=True)
             == int4_bytes - emb.ranker.planes.numel())
 
+    # Gemma 2: the final soft-cap is applied inside the fused step (candidates rank the same under tanh; the
+    # best is chosen by capped value, ties to the lower index), so its greedy tokens are still the capped argmax
     capped = quantize_model(wide_vocab("gemma2", tmp_path / "g2"), "int8-rescore")
+    assert capped.config.final_softcap is not None
     capped_decoder = native_decoder(capped)
-    assert not capped_decoder.greedy_reads_ranker  # the soft-cap keeps greedy on capped full logits
+    assert capped_decoder.greedy_reads_ranker
+    fused_calls.clear()
+    capped_decoder._fused = lambda *a: fused_calls.append(1) or type(capped_decoder)._fused(capped_decoder, *a)
+    fused = torch.stack(list(generate_tokens(capped, prompts, STEPS, decoder=capped_decoder)))
+    assert len(fused_calls) == STEPS - 1
+    separate_decoder = native_decoder(capped)
+    separate_decoder.greedy_step = lambda ids, cache: separate_decoder.argmax(separate_decoder.step(ids, cache))
+    separate_decoder.greedy = lambda h: separate_decoder.argmax(separate_decoder.logits(h))
+    separate = torch.stack(list(generate_tokens(capped, prompts, STEPS, decoder=separate_decoder)))
+    assert torch.equal(fused, separate)
     cache = KVCache(capped.config, 1, 16, capped.dtype)
     capped_decoder.prefill(torch.tensor([[2, 5]]), cache)
     h = capped_decoder.advance(torch.tensor([7]), cache)
@@ -249,7 +261,7 @@ def test_rescored_head_recomputes_the_coarse_top_candidates_exactly(ranked):
     h = torch.randint(0, 2, (3, 1, dim), generator=gen).float() * 2 - 1
     lib = native.library()
     keep: list[torch.Tensor] = []
-    head = _head(lib, emb, norm, emb.table.scales.float(), keep)  # what a decoder binds
+    head = _head(lib, emb, norm, emb.table.scales.float(), keep, None)  # what a decoder binds
     assert head is not None and head.ranker
     logits, best = torch.empty(3, vocab), torch.empty(3, dtype=torch.long)
     assert lib.gk_rescored_head(h.reshape(3, dim).contiguous().data_ptr(), 3, ctypes.byref(head), logits.data_ptr(),
@@ -321,9 +333,10 @@ def test_struct_layouts_are_checked_against_the_compiler(monkeypatch):
     lib = native.library()
     abi.check(lib)  # the real layouts agree
     expected = abi.expected_layout()
-    assert len(expected) == 3 + sum(len(s._fields_) for s in abi.STRUCTS)
+    assert len(expected) == len(abi.STRUCTS) + sum(len(s._fields_) for s in abi.STRUCTS)
     shifted = list(expected)
-    shifted[expected.index(abi.Model.ring_stride.offset, len(abi.Layer._fields_) + 1)] += 8
+    model_start = 2 + len(abi.Matrix._fields_) + len(abi.Layer._fields_)  # Model's size, after Matrix and Layer
+    shifted[expected.index(abi.Model.ring_stride.offset, model_start + 1)] += 8
     monkeypatch.setattr(abi, "expected_layout", lambda: shifted)  # as if a field were added on one side only
     with pytest.raises(GemmaKitError, match="struct layout"):
         abi.check(lib)

@@ -13,11 +13,11 @@ extern "C" {
 // Fills out[0 .. count) (count <= capacity) and returns count, or -1 if `capacity` is too small.
 int64_t gk_abi(int64_t* out, int64_t capacity) {
   const int64_t layout[] = {
+      static_cast<int64_t>(sizeof(GkMatrix)),
+      GK_FIELD(GkMatrix, data), GK_FIELD(GkMatrix, scales), GK_FIELD(GkMatrix, type),
       static_cast<int64_t>(sizeof(GkLayer)),
       GK_FIELD(GkLayer, wq), GK_FIELD(GkLayer, wk), GK_FIELD(GkLayer, wv), GK_FIELD(GkLayer, wo),
       GK_FIELD(GkLayer, wg), GK_FIELD(GkLayer, wu), GK_FIELD(GkLayer, wd),
-      GK_FIELD(GkLayer, sq), GK_FIELD(GkLayer, sk), GK_FIELD(GkLayer, sv), GK_FIELD(GkLayer, so),
-      GK_FIELD(GkLayer, sg), GK_FIELD(GkLayer, su), GK_FIELD(GkLayer, sd),
       GK_FIELD(GkLayer, input_norm), GK_FIELD(GkLayer, post_attn_norm), GK_FIELD(GkLayer, pre_ffw_norm),
       GK_FIELD(GkLayer, post_ffw_norm), GK_FIELD(GkLayer, q_norm), GK_FIELD(GkLayer, k_norm),
       GK_FIELD(GkLayer, keys), GK_FIELD(GkLayer, values), GK_FIELD(GkLayer, slots), GK_FIELD(GkLayer, sliding),
@@ -33,6 +33,7 @@ int64_t gk_abi(int64_t* out, int64_t capacity) {
       GK_FIELD(GkHead, norm), GK_FIELD(GkHead, eps), GK_FIELD(GkHead, packed), GK_FIELD(GkHead, scales_zeros),
       GK_FIELD(GkHead, n), GK_FIELD(GkHead, k), GK_FIELD(GkHead, group), GK_FIELD(GkHead, table),
       GK_FIELD(GkHead, table_scale), GK_FIELD(GkHead, candidates), GK_FIELD(GkHead, ranker),
+      GK_FIELD(GkHead, final_softcap),
   };
   const int64_t count = static_cast<int64_t>(sizeof(layout) / sizeof(layout[0]));
   if (count > capacity) return -1;

@@ -16,12 +16,21 @@ _i64 = ctypes.c_int64
 _f32 = ctypes.c_float
 
 
-class Layer(ctypes.Structure):
-    """GkLayer: one layer's int8 weights, fp32 row scales, norm multipliers (1 + w) and its KV buffers."""
+class Matrix(ctypes.Structure):
+    """GkMatrix: one weight matrix, gemmakit's int8 rows with fp32 scales (type INT8_ROWS) or ggml blocks (type =
+    the ggml type id, no scales)."""
 
-    _fields_ = [(name, _ptr) for name in ("wq", "wk", "wv", "wo", "wg", "wu", "wd",
-                                          "sq", "sk", "sv", "so", "sg", "su", "sd",
-                                          "input_norm", "post_attn_norm", "pre_ffw_norm", "post_ffw_norm",
+    _fields_ = [("data", _ptr), ("scales", _ptr), ("type", _i64)]
+
+
+INT8_ROWS = -1  # Matrix.type of gemmakit's int8 weights (kInt8Rows in common.h)
+
+
+class Layer(ctypes.Structure):
+    """GkLayer: one layer's matrices, norm multipliers (1 + w) and its KV buffers."""
+
+    _fields_ = [(name, Matrix) for name in ("wq", "wk", "wv", "wo", "wg", "wu", "wd")] + \
+               [(name, _ptr) for name in ("input_norm", "post_attn_norm", "pre_ffw_norm", "post_ffw_norm",
                                           "q_norm", "k_norm", "keys", "values")] + [("slots", _i64), ("sliding", _i64)]
 
 
@@ -42,10 +51,10 @@ class Head(ctypes.Structure):
 
     _fields_ = [("norm", _ptr), ("eps", _f32), ("packed", _ptr), ("scales_zeros", _ptr),
                 ("n", _i64), ("k", _i64), ("group", _i64), ("table", _ptr), ("table_scale", _ptr),
-                ("candidates", _i64), ("ranker", _ptr)]
+                ("candidates", _i64), ("ranker", _ptr), ("final_softcap", _f32)]
 
 
-STRUCTS: tuple[type[ctypes.Structure], ...] = (Layer, Model, Head)  # in gk_abi's order
+STRUCTS: tuple[type[ctypes.Structure], ...] = (Matrix, Layer, Model, Head)  # in gk_abi's order
 
 
 def expected_layout() -> list[int]:

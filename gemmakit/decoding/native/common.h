@@ -22,11 +22,18 @@
 
 extern "C" {
 
+// One weight matrix [rows, cols]: gemmakit's int8 with one fp32 scale per row (type kInt8Rows), or a GGUF file's
+// own blocks (type = the ggml type id, scales null; the kernels are in blocks.h).
+struct GkMatrix {
+  const void* data;
+  const float* scales;
+  int64_t type;
+};
+
 // One layer's tensors. Norm multipliers are (1 + w) in fp32; absent ones are null (Gemma 1 has no norms after
 // attention and MLP, and no q/k norms; its pre-MLP norm goes in pre_ffw_norm).
 struct GkLayer {
-  const int8_t *wq, *wk, *wv, *wo, *wg, *wu, *wd;
-  const float *sq, *sk, *sv, *so, *sg, *su, *sd;
+  GkMatrix wq, wk, wv, wo, wg, wu, wd;
   const float *input_norm, *post_attn_norm, *pre_ffw_norm, *post_ffw_norm, *q_norm, *k_norm;
   float *keys, *values;  // [B, kv_heads, slots, head_dim]
   int64_t slots;         // capacity for global layers, ring size for sliding ones
@@ -61,6 +68,7 @@ struct GkHead {
   const float* table_scale;
   int64_t candidates;
   const uint8_t* ranker;  // the 3-bit ranker (gemmakit/ranker.py) greedy decoding picks candidates with, or null
+  float final_softcap;    // Gemma 2's cap on the logits (<= 0: none); greedy choices compare capped logits
 };
 
 }  // extern "C"
@@ -68,6 +76,8 @@ struct GkHead {
 // Internal linkage: each source gets its own copy of these small functions (they inline anyway).
 namespace gk {
 namespace {
+
+constexpr int64_t kInt8Rows = -1;  // GkMatrix::type of gemmakit's int8 weights with fp32 row scales
 
 // --- vector helpers -------------------------------------------------------------------------------------------
 #if defined(__AVX512F__)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gemmakit.blocks import BlockLinear
 from gemmakit.cache import KVCache, SlotCache
 from gemmakit.decoding.native import abi
 from gemmakit.decoding.native.kernels import int8_matvec
@@ -39,13 +40,25 @@ MAX_BATCH = 16
 
 
 def supports(model: Transformer) -> bool:
-    """True for a CPU model whose every layer linear is int8 (`quant` schemes "int8", "int8-rescore", ...)."""
+    """True for a CPU model whose every layer linear is int8 (`quant` schemes "int8", "int8-rescore", ...) or a
+    GGUF file's own blocks of a type the kernels take (`BlockLinear`, schemes "gguf-rescore", ...)."""
     linears = [getattr(part, name) for block in model.model.layers for part, names in
                ((block.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                 (block.mlp, ("gate_proj", "up_proj", "down_proj"))) for name in names]
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
-    return (model.device.type == "cpu" and all(type(lin) is Int8Linear for lin in linears)
+    return (model.device.type == "cpu" and all(type(lin) in (Int8Linear, BlockLinear) for lin in linears)
             and all(norm.weight.dtype == torch.float32 for norm in norms))
+
+
+def _matrix(lin: Int8Linear | BlockLinear, keep: list[torch.Tensor]) -> abi.Matrix:
+    """The GkMatrix of one layer linear; the tensors it points into are appended to `keep`."""
+    if isinstance(lin, BlockLinear):
+        blocks = lin.weight_blocks.contiguous()
+        keep.append(blocks)
+        return abi.Matrix(data=blocks.data_ptr(), scales=None, type=lin.ggml_type)
+    weights, scales = lin.weight_int8.contiguous(), lin.scales.float().contiguous()
+    keep += [weights, scales]
+    return abi.Matrix(data=weights.data_ptr(), scales=scales.data_ptr(), type=abi.INT8_ROWS)
 
 
 @dataclass
@@ -58,7 +71,7 @@ class _HeadBinding:
     table_scales: torch.Tensor | None  # fp32 row scales of an int8 embedding table
     tensors: list[torch.Tensor]
     vocab: int
-    greedy: bool  # whether gk_greedy_step may choose tokens (a native head, and no final soft-cap)
+    greedy: bool  # whether gk_greedy_step may choose tokens (a native head; Gemma 2's cap is applied there)
 
 
 @dataclass
@@ -91,13 +104,13 @@ def _bind_head(lib: ctypes.CDLL, model: Transformer) -> _HeadBinding:
     table = emb.table if isinstance(emb, QuantEmbedding) and type(emb.table) is Int8Linear else None
     table_scales = None if table is None else table.scales.float()  # one fp32 copy for the embedding and the head
     tensors: list[torch.Tensor] = []
-    head = None if table is None else _head(lib, emb, model.model.norm, table_scales, tensors)
-    return _HeadBinding(head, table_scales, tensors, model.config.vocab_size,
-                        greedy=head is not None and model.config.final_softcap is None)
+    head = None if table is None else _head(lib, emb, model.model.norm, table_scales, tensors,
+                                             model.config.final_softcap)
+    return _HeadBinding(head, table_scales, tensors, model.config.vocab_size, greedy=head is not None)
 
 
 def _head(lib: ctypes.CDLL, emb: QuantEmbedding, norm: RMSNorm, table_scales: torch.Tensor,
-          keep: list[torch.Tensor]) -> abi.Head | None:
+          keep: list[torch.Tensor], final_softcap: float | None) -> abi.Head | None:
     """gk_rescored_head's view of `int8-rescore`'s head, given the fp32 copy of its int8 table's scales, or None
     when the model's head is not that pair (or the CPU lacks VNNI). The tensors it points into are appended to
     `keep`."""
@@ -113,7 +126,8 @@ def _head(lib: ctypes.CDLL, emb: QuantEmbedding, norm: RMSNorm, table_scales: to
     return abi.Head(norm=multiplier.data_ptr(), eps=norm.eps, packed=coarse.weight_int4.data_ptr(),
                  scales_zeros=coarse.scales_zeros.data_ptr(), n=coarse.out_features, k=coarse.in_features,
                  group=coarse.group, table=table.weight_int8.data_ptr(), table_scale=table_scales.data_ptr(),
-                 candidates=emb.CANDIDATES, ranker=ranker.planes.data_ptr() if ranks else None)
+                 candidates=emb.CANDIDATES, ranker=ranker.planes.data_ptr() if ranks else None,
+                 final_softcap=final_softcap or 0.0)
 
 
 def _bind(model: Transformer, cache: KVCache | SlotCache, head_binding: _HeadBinding) -> _Binding:
@@ -143,8 +157,7 @@ def _bind(model: Transformer, cache: KVCache | SlotCache, head_binding: _HeadBin
         attn, mlp, entry = block.self_attn, block.mlp, layers[i]
         for key, lin in dict(q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj, g=mlp.gate_proj,
                              u=mlp.up_proj, d=mlp.down_proj).items():
-            setattr(entry, f"w{key}", ptr(lin.weight_int8))
-            setattr(entry, f"s{key}", ptr(lin.scales.float()))
+            setattr(entry, f"w{key}", _matrix(lin, tensors))
         entry.input_norm = norm(block.input_layernorm)
         if block.sandwich:  # Gemma 2/3: norms after attention and after the MLP, and one before the MLP
             entry.post_attn_norm = norm(block.post_attention_layernorm)
@@ -269,7 +282,7 @@ class NativeDecoder(StepDecoder):
     # --- fused greedy steps -----------------------------------------------------------------------------------------
     def greedy_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The greedy next token [B] after ids [B]: layers, head and choice in one library call where the head
-        is the native one and not soft-capped, else `greedy(advance(...))` (the same tokens)."""
+        is the native one (Gemma 2's final cap included), else `greedy(advance(...))` (the same tokens)."""
         rows = ids.shape[0]
         binding = self._binding(cache)
         if not binding.greedy:

@@ -224,10 +224,10 @@ std::vector<int64_t> largest(const float* values, std::vector<int64_t> pool, int
 }
 
 // Whether `a` beats `b` as torch's argmax sees it: larger, a NaN before any number, the lower index on ties.
-inline bool beats(const float* y, int64_t a, int64_t b) {
-  const bool nan_a = y[a] != y[a], nan_b = y[b] != y[b];
+inline bool beats(float ya, int64_t a, float yb, int64_t b) {
+  const bool nan_a = ya != ya, nan_b = yb != yb;
   if (nan_a || nan_b) return nan_a && (!nan_b || a < b);
-  return y[a] > y[b] || (y[a] == y[b] && a < b);
+  return ya > yb || (ya == yb && a < b);
 }
 
 // The decode-time LM head of scheme int8-rescore: x = rms_norm(h) * (1 + w); coarse logits [batch, n] from the
@@ -264,8 +264,17 @@ int rescored_head(const float* h, int64_t batch, const GkHead* head, float* y, i
     rows = largest(yb, rows, candidates);
     for (int64_t row : rows) yb[row] = dot(head->table + row * k, x.data() + b * k, k) * head->table_scale[row];
     if (best != nullptr) {
-      best[b] = rows[0];
-      for (int64_t row : rows) best[b] = beats(yb, row, best[b]) ? row : best[b];
+      // Gemma 2 compares capped logits: tanh is monotone, so the candidates are the same, but two logits may
+      // cap to one fp32 value, and the lower index must then win as in the capped logits' argmax
+      const float cap = head->final_softcap;
+      auto value = [&](int64_t row) { return cap > 0 ? std::tanh(yb[row] / cap) * cap : yb[row]; };
+      int64_t top = rows[0];
+      float top_value = value(top);
+      for (int64_t row : rows) {
+        const float v = value(row);
+        if (beats(v, row, top_value, top)) top = row, top_value = v;
+      }
+      best[b] = top;
     }
   }
 #endif
@@ -358,8 +367,11 @@ int gk_greedy_step(const GkModel* model, const GkHead* head, const int64_t* ids,
   if (done != 0) return done;
   if (head->ranker != nullptr) return rescored_head(h, n, head, logits, threads, true, out);
   done = rescored_head(h, n, head, logits, threads, false, nullptr);
-  if (done == 0) gk_argmax(logits, n, head->n, out);
-  return done;
+  if (done != 0) return done;
+  if (head->final_softcap > 0)
+    for (int64_t i = 0; i < n * head->n; ++i) logits[i] = std::tanh(logits[i] / head->final_softcap) * head->final_softcap;
+  gk_argmax(logits, n, head->n, out);
+  return 0;
 }
 
 }  // extern "C"

@@ -5,10 +5,97 @@
 // pointers: int8 x fp32 dot products (weights read once, at memory speed), norms, rope, attention over the
 // KV cache and GeGLU, with threads meeting at barriers instead of being forked and joined per op.
 // The step embeds token ids itself (or takes the caller's embeddings). The LM heads are in head.cpp.
+// A layer's matrices may be gemmakit's int8 rows or a GGUF file's own blocks (Q4_K, Q6_K, ... : blocks.h), each
+// matrix in its own format, as a Q4_K_M file mixes them.
+#include "blocks.h"
 #include "common.h"
+
+#include <utility>
 
 namespace gk {
 namespace {
+// --- matrix-vector products over a layer's matrices, whatever their format ---------------------------------------
+// Activation rows rounded to int8 for the block kernels: codes [rows, k], per-32 scales and code sums.
+struct ActRows {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> sums;
+  int64_t k = 0;
+  void reserve(int64_t rows, int64_t width) {
+    k = width;
+    q.resize(rows * width);
+    d.resize(rows * width / kActBlock);
+    sums.resize(rows * width / kActBlock);
+  }
+  ActRow row(int64_t m) const {
+    return {q.data() + m * k, d.data() + m * (k / kActBlock), sums.data() + m * (k / kActBlock)};
+  }
+};
+
+// Round the rows of x [rows, k] for the block kernels (called by every thread of the region).
+void quantize_rows(const float* x, int64_t rows, ActRows& out) {
+#pragma omp for schedule(static)
+  for (int64_t b = 0; b < rows; ++b)
+    quantize_act(x + b * out.k, out.k, out.q.data() + b * out.k, out.d.data() + b * (out.k / kActBlock),
+                 out.sums.data() + b * (out.k / kActBlock));
+}
+
+// One product y [batch, rows] = x [batch, cols] W^T of a layer; `xq` is x rounded (used by block matrices).
+struct Job {
+  const GkMatrix* w;
+  int64_t rows, cols;
+  const float* x;
+  const ActRows* xq;
+  float* y;
+};
+
+// Row n of the job's matrix against every activation row: one sequential read of the row either way.
+void job_row(const Job& job, int64_t n, int64_t batch) {
+  const GkMatrix& w = *job.w;
+  if (w.type == kInt8Rows) {
+    const MatVec mv = {static_cast<const int8_t*>(w.data), w.scales, job.rows, job.cols, job.x, job.y};
+    one_row(mv, n, batch);
+    return;
+  }
+  const uint8_t* row = static_cast<const uint8_t*>(w.data) + n * block_row_bytes(w.type, job.cols);
+  for (int64_t m = 0; m < batch; ++m) job.y[m * job.rows + n] = block_dot(w.type, row, job.xq->row(m), job.cols);
+}
+
+// Share the rows of several matrices among the team's threads, one contiguous run each (called by every thread).
+void layer_matvecs(const Job* jobs, int count, int64_t batch) {
+  int64_t rows = 0;
+  for (int j = 0; j < count; ++j) rows += jobs[j].rows;
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t n = r;
+    int j = 0;
+    while (n >= jobs[j].rows) n -= jobs[j++].rows;
+    job_row(jobs[j], n, batch);
+  }
+}
+
+// Whether any of the layer's matrices is stored as blocks (its inputs must then be rounded first).
+inline bool has_blocks(const GkLayer& L) {
+  for (const GkMatrix* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.wg, &L.wu, &L.wd})
+    if (w->type != kInt8Rows) return true;
+  return false;
+}
+
+// Every matrix of every layer in a format this library computes with, in whole blocks per row.
+bool formats_ok(const GkModel& m) {
+  const int64_t qd = m.heads * m.head_dim;
+  for (int64_t l = 0; l < m.num_layers; ++l) {
+    const GkLayer& L = m.layers[l];
+    const std::pair<const GkMatrix*, int64_t> inputs[] = {{&L.wq, m.hidden}, {&L.wk, m.hidden}, {&L.wv, m.hidden},
+                                                          {&L.wo, qd}, {&L.wg, m.hidden}, {&L.wu, m.hidden},
+                                                          {&L.wd, m.intermediate}};
+    for (const auto& [w, cols] : inputs) {
+      if (w->data == nullptr) return false;
+      if (w->type == kInt8Rows ? w->scales == nullptr : block_row_bytes(w->type, cols) < 0) return false;
+    }
+  }
+  return true;
+}
 // --- attention ------------------------------------------------------------------------------------------------
 // May cache row `row` at time `now` see the key held at `time`? (the cache's causal and padding rules; the window
 // needs no test: a sliding layer's ring has at most `window` slots, so it only ever holds the last `window` times)
@@ -101,6 +188,7 @@ extern "C" {
 int gk_decode_step(const GkModel* model, float* h, const int64_t* ids, const int64_t* rows, const int64_t* times,
                    int64_t n, int threads) {
   const GkModel& m = *model;
+  if (!formats_ok(m)) return -3;
   for (int64_t b = 0; b < n; ++b) {
     if (rows[b] < 0 || rows[b] >= m.batch || times[b] < 0) return -2;
     m.ring_times[rows[b] * m.ring_stride + times[b] % m.ring] = times[b];
@@ -120,6 +208,14 @@ int gk_decode_step(const GkModel* model, float* h, const int64_t* ids, const int
   const int64_t groups = m.heads / m.kv_heads, max_chunks = 2 * threads;
   std::vector<float> parts(B * m.kv_heads * max_chunks * groups * (hd + 2));
   std::vector<int64_t> pos(B);
+  ActRows xn_q, att_q, act_q;  // rounded inputs of the block matrices (sized only if a layer has any)
+  bool blocks = false;
+  for (int64_t l = 0; l < m.num_layers; ++l) blocks = blocks || has_blocks(m.layers[l]);
+  if (blocks) {
+    xn_q.reserve(B, D);
+    att_q.reserve(B, qd);
+    act_q.reserve(B, I);
+  }
   for (int64_t b = 0; b < B; ++b) pos[b] = times[b] - m.pad[rows[b]] > 0 ? times[b] - m.pad[rows[b]] : 0;
 
 #pragma omp parallel num_threads(threads)
@@ -133,10 +229,12 @@ int gk_decode_step(const GkModel* model, float* h, const int64_t* ids, const int
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; ++b) rms_norm(h + b * D, L.input_norm, m.eps, xn.data() + b * D, D);
 
-      const MatVec qkv[3] = {{L.wq, L.sq, qd, D, xn.data(), q.data()},
-                             {L.wk, L.sk, kvd, D, xn.data(), k.data()},
-                             {L.wv, L.sv, kvd, D, xn.data(), v.data()}};
-      matvecs(qkv, 3, B);
+      const bool rounded = has_blocks(L);  // the same for every thread: the barriers below stay matched
+      if (rounded) quantize_rows(xn.data(), B, xn_q);
+      const Job qkv[3] = {{&L.wq, qd, D, xn.data(), &xn_q, q.data()},
+                          {&L.wk, kvd, D, xn.data(), &xn_q, k.data()},
+                          {&L.wv, kvd, D, xn.data(), &xn_q, v.data()}};
+      layer_matvecs(qkv, 3, B);
 
       // q/k norms and rope per head; k and v go into the cache
 #pragma omp for schedule(static)
@@ -173,8 +271,9 @@ int gk_decode_step(const GkModel* model, float* h, const int64_t* ids, const int
                      att.data() + b * qd + head * hd);
       }
 
-      const MatVec out_proj[1] = {{L.wo, L.so, D, qd, att.data(), o.data()}};
-      matvecs(out_proj, 1, B);
+      if (rounded) quantize_rows(att.data(), B, att_q);
+      const Job out_proj[1] = {{&L.wo, D, qd, att.data(), &att_q, o.data()}};
+      layer_matvecs(out_proj, 1, B);
 
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; ++b) {
@@ -182,9 +281,10 @@ int gk_decode_step(const GkModel* model, float* h, const int64_t* ids, const int
         rms_norm(h + b * D, L.pre_ffw_norm, m.eps, xn.data() + b * D, D);
       }
 
-      const MatVec gate_up[2] = {{L.wg, L.sg, I, D, xn.data(), gate.data()},
-                                 {L.wu, L.su, I, D, xn.data(), up.data()}};
-      matvecs(gate_up, 2, B);
+      if (rounded) quantize_rows(xn.data(), B, xn_q);
+      const Job gate_up[2] = {{&L.wg, I, D, xn.data(), &xn_q, gate.data()},
+                              {&L.wu, I, D, xn.data(), &xn_q, up.data()}};
+      layer_matvecs(gate_up, 2, B);
 
       const int64_t chunks = (B * I + 255) / 256;
 #pragma omp for schedule(static)
@@ -193,8 +293,9 @@ int gk_decode_step(const GkModel* model, float* h, const int64_t* ids, const int
         geglu(gate.data() + start, up.data() + start, act.data() + start, n);
       }
 
-      const MatVec down_proj[1] = {{L.wd, L.sd, D, I, act.data(), down.data()}};
-      matvecs(down_proj, 1, B);
+      if (rounded) quantize_rows(act.data(), B, act_q);
+      const Job down_proj[1] = {{&L.wd, D, I, act.data(), &act_q, down.data()}};
+      layer_matvecs(down_proj, 1, B);
 
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; ++b) add_branch(h + b * D, down.data() + b * D, L.post_ffw_norm, m.eps, D);

@@ -1,0 +1,110 @@
+"""The native decode step over layers stored as a GGUF file's own blocks (`BlockLinear`), each matrix in its own
+type as a Q4_K_M file mixes them.
+
+The reference is the same module run eagerly: its `BlockLinear.forward` multiplies through the same block kernels
+(activations rounded to int8 per 32 values), while norms, rope and attention are torch's. Both sides compute the
+same model, but the fp32 values entering a rounding differ by torch's summation order, so now and then one
+activation code differs by one step: that moved a hidden state by up to ~1e-2 of its size (measured). The test therefore
+bounds the worst step loosely and the typical (median) step tightly, each step starting from the reference's cache
+(a flip stored in a key would otherwise be carried into every later step); a wrong row offset, block size or
+dispatch gives errors of order 1 on every step.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from gemmakit.blocks import BLOCK_TYPES, BlockLinear
+from gemmakit.cache import KVCache
+from gemmakit.decoding import choose_decoder, generate_tokens, native
+from gemmakit.decoding.native import kernels
+from gemmakit.loader import build_model
+from gemmakit.weights import hf
+from support.tiny_models import VOCAB, save_hf_model
+
+pytestmark = pytest.mark.skipif(not kernels.has_block_kernels(), reason="no C++ compiler to build the block kernels")
+
+# one type per linear, as a file mixes them; the tiny models' widths (64, 96) take the 32-value types
+LEGACY_TYPES = {"q_proj": "Q5_0", "k_proj": "Q8_0", "v_proj": "Q4_0", "o_proj": "Q8_0", "gate_proj": "Q5_0",
+                "up_proj": "Q4_0", "down_proj": "Q8_0"}
+
+
+def with_block_layers(model: torch.nn.Module, types: dict[str, str]) -> torch.nn.Module:
+    """`model` (fp32) with each layer linear quantised by llama.cpp's own `gguf` quantiser into its type's blocks."""
+    from gguf import GGMLQuantizationType, quants
+
+    for block in model.model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, type_name in types.items():
+                lin = getattr(parent, name, None)
+                if lin is None:
+                    continue
+                raw = quants.quantize(lin.weight.detach().numpy().astype(np.float32),
+                                      GGMLQuantizationType[type_name])
+                setattr(parent, name, BlockLinear(torch.from_numpy(np.ascontiguousarray(raw)),
+                                                  BLOCK_TYPES[type_name]))
+    return model
+
+
+def tiny_block_model(family: str, directory) -> torch.nn.Module:
+    save_hf_model(family, directory)
+    fp32 = build_model(hf.read_config(directory), hf.read_state_dict(directory), torch.float32, directory).eval()
+    return with_block_layers(fp32, LEGACY_TYPES)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
+def test_native_step_over_blocks_equals_the_eager_block_model(family, tmp_path):
+    model = tiny_block_model(family, tmp_path)
+    choice = choose_decoder(model)
+    assert choice.name == "native", choice.reason
+    decoder = choice.decoder
+    config = model.config
+    gen = torch.Generator().manual_seed(0)
+    prompt = 12
+    ids = torch.randint(3, VOCAB, (2, prompt), generator=gen)
+    caches = [KVCache(config, 2, prompt + 40, torch.float32) for _ in range(2)]
+    errors = []
+    with torch.inference_mode():
+        model.hidden_states(ids, cache=caches[0])
+        model.hidden_states(ids, cache=caches[1])
+        for _ in range(24):  # the sliding window (8) wraps several times
+            # each step starts from the reference's cache, so one rounding flip is not carried into later steps
+            for mine, theirs in zip(caches[1].keys + caches[1].values, caches[0].keys + caches[0].values,
+                                    strict=True):
+                mine.copy_(theirs)
+            token = torch.randint(3, VOCAB, (2, 1), generator=gen)
+            embedded = model.embed(token)
+            model.embed = lambda _ids, e=embedded: e  # both sides start from the same fp32 inputs
+            expected = model.hidden_states(token, cache=caches[0])
+            del model.embed
+            got = decoder.hidden_states(token, caches[1], embedded)
+            errors.append(((expected - got).abs().max() / expected.abs().max()).item())
+    assert statistics.median(errors) <= 1e-5, errors
+    assert sum(e > 1e-5 for e in errors) <= len(errors) // 4, errors  # flips are the exception
+    assert max(errors) <= 5e-2, errors  # one code step, grown through the tiny model's large random weights
+    assert torch.equal(caches[1].ring_times, caches[0].ring_times)
+
+
+def test_greedy_tokens_over_blocks_match_the_eager_path(tmp_path):
+    model = tiny_block_model("gemma3", tmp_path)
+    prompts = [[2, 17, 99, 5], [2, 8, 300, 41, 77, 12, 250]]
+    eager = torch.stack(list(generate_tokens(model, prompts, 16)))
+    decoder = choose_decoder(model).decoder
+    assert isinstance(decoder, native.NativeDecoder)
+    fused = torch.stack(list(generate_tokens(model, prompts, 16, decoder=decoder)))
+    assert torch.equal(fused, eager)
+    assert len(set(fused.flatten().tolist())) > 2  # not one token repeated
+
+
+def test_an_unsupported_matrix_keeps_the_model_off_the_native_step(tmp_path):
+    """A layer linear the kernels cannot take (here a plain fp32 one) sends the model to the eager decoder."""
+    model = tiny_block_model("gemma3", tmp_path)
+    config = model.config
+    model.model.layers[1].mlp.up_proj = torch.nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+    assert not native.supports(model)
+    assert choose_decoder(model).name == "eager"
+
