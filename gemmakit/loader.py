@@ -4,8 +4,11 @@
 - Readers (`weights/`) only read: each returns a `Checkpoint` (config, canonical state dict, tokenizer).
 - `build_model` is the one place a state dict becomes a module, float or quantised, so name and shape checks
   are written once for all formats (a converted file included).
-- `quantized_module` is the one read -> fp32 -> quantise pipeline, used in memory (`cache=False`) and by
-  `convert`, which writes the converted file that later loads only map.
+- `quantized_module` is the one read -> quantise pipeline, used in memory (`cache=False`) and by `convert`,
+  which writes the converted file that later loads only map. It streams: the file is read lazily (each tensor
+  a `RawTensor` over its memory map) and decoded, converted and installed one tensor at a time, so a model is
+  never whole in fp32 (a 9B model would need ~37 GB); a load that cannot fit is refused before it starts
+  (`gemmakit.memory.check_fits`).
 - `load_model` chooses among these for `gemmakit.load`.
 """
 
@@ -20,10 +23,13 @@ import torch
 
 from gemmakit.config import GemmaConfig
 from gemmakit.errors import FormatError, InputError
+from gemmakit.memory import check_fits
 from gemmakit.model import Transformer, rope_inv_freq
+from gemmakit.weights.raw import RawTensor
 from gemmakit.weights.source import Checkpoint, Source, default_model_path, read_checkpoint, resolve_source
 
 if TYPE_CHECKING:
+    from gemmakit.quant import Scheme
     from gemmakit.tokenizer import Tokenizer
 
 __all__ = ["DTYPES", "Checkpoint", "LoadedModel", "Source", "build_model", "cached_conversion", "check_dtype",
@@ -61,13 +67,15 @@ def check_dtype(config: GemmaConfig, dtype: torch.dtype, force_fp16: bool) -> No
 
 
 # --- the one builder -----------------------------------------------------------------------------------------------
-def build_model(config: GemmaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+def build_model(config: GemmaConfig, state: dict[str, torch.Tensor | RawTensor], dtype: torch.dtype | None = None,
                 source: str | Path = "<memory>", device: str | torch.device = "cpu") -> Transformer:
     """A `Transformer` holding `state`; every missing, extra or misshapen tensor is reported by name.
 
     A float state is cast to `dtype` (None keeps each tensor's stored dtype, e.g. a converted bf16 file's fp32
-    norms). A quantised state (int8/int4 buffers, from a converted file) gets the quantised modules its buffer
-    names call for (`quant.install_quantized`) and keeps its stored dtypes; it runs on CPU only.
+    norms). A lazy state (`RawTensor`s, from `read_checkpoint(..., lazy=True)`) is decoded one tensor at a time
+    into `dtype` (None: the stored float type, fp32 for a GGUF's quantised types), after checking that the model
+    fits in memory. A quantised state (int8/int4 buffers, from a converted file) gets the quantised modules its
+    buffer names call for (`quant.install_quantized`) and keeps its stored dtypes; it runs on CPU only.
     """
     from gemmakit import quant
 
@@ -84,6 +92,21 @@ def build_model(config: GemmaConfig, state: dict[str, torch.Tensor], dtype: torc
         except KeyError as e:
             raise FormatError(f"{source}: quantised tensors do not match a {config.family} model with "
                               f"{config.num_layers} layers: missing {e.args[0]!r}") from None
+    _check_tensors(model, state, source)
+    if any(isinstance(t, RawTensor) for t in state.values()):
+        if torch.device(device).type == "cpu":
+            need = sum(t.numel() * (dtype or _stored_dtype(t)).itemsize for t in state.values())
+            check_fits(need, f"building the model in {dtype or 'its stored dtypes'}", str(source))
+        state = {name: _materialised(t, dtype, device) for name, t in state.items()}
+    elif dtype is not None or torch.device(device).type != "cpu":
+        state = {name: t.to(device=device, dtype=dtype if dtype is not None else t.dtype) for name, t in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    return _finished(model, device)
+
+
+def _check_tensors(model: Transformer, state: dict[str, torch.Tensor | RawTensor], source: str | Path) -> None:
+    """Every tensor the (meta) model expects is in `state` with its shape, and nothing else."""
+    config = model.config
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -96,10 +119,26 @@ def build_model(config: GemmaConfig, state: dict[str, torch.Tensor], dtype: torc
         if found != shape:
             raise FormatError(f"{source}: tensor {name!r} has shape {list(found)}, expected {list(shape)} "
                               "from the model's config")
-    if dtype is not None or torch.device(device).type != "cpu":
-        state = {name: t.to(device=device, dtype=dtype if dtype is not None else t.dtype) for name, t in state.items()}
-    model.load_state_dict(state, assign=True, strict=True)
-    model.inv_freq_local = _rope_buffer(config, local=True, device=device)  # buffers were built on meta
+
+
+_RAW_FLOAT_DTYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # ggml F32, F16, BF16
+
+
+def _stored_dtype(t: RawTensor) -> torch.dtype:
+    return _RAW_FLOAT_DTYPES.get(t.ggml_type, torch.float32)
+
+
+def _materialised(t: torch.Tensor | RawTensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
+    """One tensor of a lazy state, decoded (a new tensor: nothing aliases the file's map) into dtype on device."""
+    if isinstance(t, RawTensor):
+        return t.dequantize().to(device=device, dtype=dtype or _stored_dtype(t))
+    return t.to(device=device, dtype=dtype or t.dtype)
+
+
+def _finished(model: Transformer, device: str | torch.device) -> Transformer:
+    """The rope buffers (built on meta with the module) made real; eval mode, no gradients."""
+    config = model.config
+    model.inv_freq_local = _rope_buffer(config, local=True, device=device)
     model.inv_freq_global = _rope_buffer(config, local=False, device=device)
     return model.eval().requires_grad_(False)
 
@@ -110,23 +149,35 @@ def _rope_buffer(config: GemmaConfig, local: bool, device: str | torch.device) -
     return rope_inv_freq(config.head_dim, config.rope_theta_global, config.rope_scale_global).to(device)
 
 
-# --- read -> fp32 -> quantise, written once -----------------------------------------------------------------------
-def quantized_module(checkpoint: Checkpoint, scheme_name: str, progress: bool = False) -> Transformer:
-    """The checkpoint built in fp32 and quantised to `scheme_name` in place (tqdm bar per tensor with `progress`).
+# --- read -> quantise, one tensor at a time, written once ---------------------------------------------------------
+def quantized_module(checkpoint: Checkpoint, scheme_name: str | Scheme, progress: bool = False) -> Transformer:
+    """The checkpoint quantised to `scheme_name`, streaming (tqdm bar per tensor with `progress`).
 
-    The checkpoint's state is released: the module holds its tensors, each freed as its layer is quantised.
+    The model is built on the meta device (no memory), then each tensor of the checkpoint's state (float, or a
+    `RawTensor` of a lazy read) is decoded alone, converted and installed, and its fp32 copy dropped
+    (`quant.quantize_model(..., state=...)`): the peak is the converted model plus one tensor's conversion, not
+    the model in fp32. Before anything is converted the estimate of that peak is checked against the memory
+    available (`gemmakit.memory.check_fits`). The checkpoint's state is consumed (left empty).
     """
     from tqdm import tqdm
 
-    from gemmakit.quant import count_convertible, quantize_model
+    from gemmakit.quant import conversion_bytes, count_convertible, quantize_model, scheme
 
-    module = build_model(checkpoint.config, checkpoint.state, torch.float32, checkpoint.source)
-    checkpoint.state = {}
+    spec = scheme(scheme_name) if isinstance(scheme_name, str) else scheme_name
+    with torch.device("meta"):
+        module = Transformer(checkpoint.config)
+    state, checkpoint.state = checkpoint.state, {}
+    _check_tensors(module, state, checkpoint.source)
+    converted_size, transient = conversion_bytes(state, spec)
+    check_fits(converted_size + transient, f"converting {Path(checkpoint.source).name} to {scheme_name}",
+               str(checkpoint.source))
     with tqdm(total=count_convertible(module), desc=f"converting to {scheme_name}", unit="tensor",
               disable=not progress, leave=False) as bar:
-        quantize_model(module, scheme_name, progress=bar.update)
+        quantize_model(module, spec, progress=bar.update, state=state)
+    if state:
+        raise FormatError(f"{checkpoint.source}: tensors left after conversion: {sorted(state)[:5]}")
     module.quant_scheme = scheme_name
-    return module
+    return _finished(module, "cpu")
 
 
 def convert(source: str | Path | Source, scheme_name: str, out: str | Path | None = None,
@@ -146,7 +197,7 @@ def convert(source: str | Path | Source, scheme_name: str, out: str | Path | Non
     if out.is_dir() or out.suffix != ".safetensors":
         raise InputError(f"{out}: the output must be a file name ending in .safetensors")
     start = time.perf_counter()
-    checkpoint = read_checkpoint(source)
+    checkpoint = read_checkpoint(source, lazy=True)
     module = quantized_module(checkpoint, scheme_name, progress)
     converted.save(out, module.state_dict(), module.config, scheme_name, source.path, checkpoint.tensor_types,
                    checkpoint.tokenizer_metadata, digest)
@@ -171,11 +222,12 @@ def cached_conversion(source: Source, scheme_name: str, progress: bool = True) -
 
 # --- gemmakit.load's choice ----------------------------------------------------------------------------------------
 def default_scheme(source: Source, dtype: object, device: str) -> str | None:
-    """`quant="auto"`: int8-rescore for a GGUF (already-quantised release weights) on a CPU with fast bf16 when no
-    dtype was asked for; None (weights as stored, fp32) for everything else."""
+    """`quant="auto"`: int8-rescore for a GGUF (already-quantised release weights) or an HF directory (converted
+    once, cached, then mapped) on a CPU with fast bf16 when no dtype was asked for; None (weights as stored,
+    fp32) for everything else. Any explicit dtype (e.g. "float32", the exact reference) keeps the float path."""
     from gemmakit.quant import has_fast_bf16
 
-    if dtype is None and device == "cpu" and source.kind == "gguf" and has_fast_bf16():
+    if dtype is None and device == "cpu" and source.kind in ("gguf", "hf") and has_fast_bf16():
         return "int8-rescore"
     return None
 
@@ -211,10 +263,10 @@ def load_model(path_or_name: str | Path | Source, dtype: str | torch.dtype | Non
         if cache:
             path = cached_conversion(source, quant)
             return _built(converted.read(path), None, device, path)
-        checkpoint = read_checkpoint(source)
+        checkpoint = read_checkpoint(source, lazy=True)
         module = quantized_module(checkpoint, quant)
         return LoadedModel(module, checkpoint.tokenizer, checkpoint.source, checkpoint.tensor_types)
-    checkpoint = read_checkpoint(source)
+    checkpoint = read_checkpoint(source, lazy=True)  # decoded tensor by tensor by the builder
     check_dtype(checkpoint.config, dtype, force_fp16)
     return _built(checkpoint, dtype, device, checkpoint.source)
 

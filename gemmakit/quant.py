@@ -21,6 +21,7 @@ release changes it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,9 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmakit import ranker as ranker_layout
+from gemmakit.blocks import BlockLinear
 from gemmakit.decoding.sampling import top_indices
 from gemmakit.errors import InputError
+from gemmakit.memory import release_freed
 from gemmakit.ranker import Int3Ranker
+from gemmakit.weights.raw import RawTensor
 
 INT4_GROUPS = (32, 64, 128, 256)
 _PACK_BLOCK = 64  # rows per block in torch's CPU int4 layout
@@ -40,7 +45,8 @@ _PACK_BLOCK = 64  # rows per block in torch's CPU int4 layout
 class Scheme:
     """A quantisation recipe: the format of the per-layer linears, of the tied embedding/head, the int4 group.
 
-    Formats: "int8", "int4", or "bf16" (no quantisation, bf16 weights).
+    Formats: "int8", "int4", "bf16" (no quantisation, bf16 weights), or for layers "gguf": a GGUF file's own
+    blocks where the native kernels compute with their type (`BlockLinear`), int8 for any other tensor.
     """
 
     layers: str
@@ -50,8 +56,9 @@ class Scheme:
 
     def __post_init__(self) -> None:
         for part, fmt in (("layers", self.layers), ("head", self.head)):
-            if fmt not in ("int8", "int4", "bf16"):
-                raise InputError(f"quant scheme {part}={fmt!r}: expected 'int8', 'int4' or 'bf16'")
+            if fmt not in ("int8", "int4", "bf16") and (part, fmt) != ("layers", "gguf"):
+                raise InputError(f"quant scheme {part}={fmt!r}: expected 'int8', 'int4' or 'bf16' (or 'gguf' for "
+                                 "layers)")
         if self.group not in INT4_GROUPS:
             raise InputError(f"int4 group size {self.group} not supported; expected one of {INT4_GROUPS}")
 
@@ -60,7 +67,10 @@ class Scheme:
 # within 1% of fp32 on the 270M); "int8-rescore" is int8 plus an int4 copy of the head that decoding uses to
 # pick 128 candidates, re-scored exactly in int8 (reads ~40% fewer head bytes per token); "int4" reads the fewest
 # bytes but costs +18% perplexity; "int8-head4" keeps the layers at int8 and puts only the head at int4.
+# "gguf-rescore" keeps a GGUF's layers as the file stores them (Q4_K, Q6_K, ...: the file's own model, and its bytes
+# a token) with int8-rescore's head; from a source without blocks (HF, F16 GGUF) its layers are int8.
 SCHEMES: dict[str, Scheme] = {
+    "gguf-rescore": Scheme("gguf", "int8", 64, coarse_head=True),
     "bf16": Scheme("bf16", "bf16"),
     "int8": Scheme("int8", "int8"),
     "int8-rescore": Scheme("int8", "int8", 64, coarse_head=True),
@@ -231,8 +241,35 @@ QuantLinear = Int8Linear | Int4Linear
 DENSE_ROWS = 32
 
 
-def make_linear(w: torch.Tensor, fmt: str, group: int, dtype: torch.dtype) -> nn.Module:
-    """The quantised form `fmt` of a [N, K] weight, falling back to int8 when int4's shape rules fail."""
+Weight = torch.Tensor | RawTensor  # a float tensor, or a tensor as a file stores it (decoded on demand)
+
+
+def decoded(w: Weight, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """The fp32 rows [start, stop) of a weight: a `RawTensor`'s rows decoded (only those bytes are read), a float
+    tensor's cast (a view, no copy, when it is fp32 already). Every conversion decodes through here, so the fp32
+    copy of one tensor, or of one chunk of rows, is all a conversion holds at a time."""
+    if isinstance(w, RawTensor):
+        rows = w.shape[0] if w.shape else 1
+        stop = rows if stop is None else min(stop, rows)
+        if start == 0 and stop == rows:
+            return w.dequantize()
+        width = w.row_bytes() * (w.numel() // rows // w.shape[-1])
+        part = RawTensor(w.data[start * width:stop * width], w.ggml_type, (stop - start, *w.shape[1:]), w.source,
+                         w.name, w.shift)
+        return part.dequantize()
+    return w[start:stop].float()
+
+
+def make_linear(w: Weight, fmt: str, group: int, dtype: torch.dtype) -> nn.Module:
+    """The quantised form `fmt` of a [N, K] weight, falling back to int8 when int4's shape rules fail.
+
+    fmt "gguf": the file's own blocks (`BlockLinear`, not decoded) for a `RawTensor` of a type the native kernels
+    compute with; anything else (a float tensor, an F16 or Q4_1 tensor...) is decoded and stored as int8."""
+    if fmt == "gguf":
+        if isinstance(w, RawTensor) and BlockLinear.supports(w):
+            return BlockLinear.from_raw(w)
+        fmt = "int8"
+    w = decoded(w)
     if fmt == "int4" and Int4Linear.supports(w, group):
         return Int4Linear.from_weight(w, group, dtype)
     if fmt in ("int4", "int8"):
@@ -240,6 +277,80 @@ def make_linear(w: torch.Tensor, fmt: str, group: int, dtype: torch.dtype) -> nn
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
     return lin
+
+
+# Rows of the tied embedding/head converted at a time: a 262144 x 3584 head is 3.8 GB in fp32, a chunk 235 MB.
+# A multiple of 64, so that int4 packing ([N, K/2], 64-row blocks) and the 3-bit ranker's 64-row blocks
+# concatenate chunk by chunk into exactly the whole tensor's layout (tested bitwise).
+HEAD_CHUNK_ROWS = 16384
+
+
+def decoded_as(w: Weight, dtype: torch.dtype, rows_per_chunk: int = HEAD_CHUNK_ROWS) -> torch.Tensor:
+    """The whole weight in `dtype`, decoded `rows_per_chunk` rows at a time (never all of it in fp32)."""
+    rows = w.shape[0]
+    out = torch.empty(tuple(w.shape), dtype=dtype)
+    for start in range(0, rows, rows_per_chunk):
+        out[start:start + rows_per_chunk] = decoded(w, start, start + rows_per_chunk).to(dtype)
+    return out
+
+
+def _ranker_fits(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and shape[0] % ranker_layout.BLOCK == 0 and shape[1] % ranker_layout.GROUP == 0
+
+
+def make_head(w: Weight, spec: Scheme, dtype: torch.dtype, rows_per_chunk: int = HEAD_CHUNK_ROWS) -> QuantEmbedding:
+    """The tied embedding/head [N, K] as a `QuantEmbedding` for `spec` (int8 or int4 table; with `coarse_head`,
+    the int4 candidate head and the 3-bit ranker), converted `rows_per_chunk` rows at a time: each chunk is
+    decoded once and feeds all three, so the head is never whole in fp32. Every quantiser works per row (int8)
+    or per 64-row block (int4 packing, ranker), so the result equals the whole-tensor conversion bit for bit."""
+    if rows_per_chunk % 64:
+        raise ValueError(f"rows_per_chunk must be a multiple of 64, got {rows_per_chunk}")
+    n, k = (int(d) for d in w.shape)
+    shape = (n, k)
+    int4_table = spec.head == "int4" and Int4Linear.supports(_Shape(shape), spec.group)
+    with_coarse = spec.coarse_head and Int4Linear.supports(_Shape(shape), spec.group)
+    with_ranker = with_coarse and _ranker_fits(shape)
+    if int4_table:
+        table_q, table_s = torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(k // spec.group, n, 2, dtype=dtype)
+    else:
+        table_q, table_s = torch.empty(n, k, dtype=torch.int8), torch.empty(n, dtype=dtype)
+    if with_coarse:
+        coarse_q, coarse_s = torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(k // spec.group, n, 2, dtype=dtype)
+    planes = None
+    if with_ranker:
+        planes = torch.empty(n // ranker_layout.BLOCK, k // ranker_layout.GROUP, 4, ranker_layout.QUARTER_BYTES,
+                             dtype=torch.uint8)
+    for a in range(0, n, rows_per_chunk):
+        b = min(a + rows_per_chunk, n)
+        chunk = decoded(w, a, b)
+        if int4_table:
+            _int4_into(chunk, spec.group, True, table_q[a:b], table_s[:, a:b])
+        else:
+            q, s = quantize_int8(chunk)
+            table_q[a:b], table_s[a:b] = q, s.to(dtype)
+        if with_coarse:  # only ranks candidates, so the plain min/max range is enough (5x faster to convert)
+            _int4_into(chunk, spec.group, False, coarse_q[a:b], coarse_s[:, a:b])
+        if planes is not None:
+            blocks = slice(a // ranker_layout.BLOCK, b // ranker_layout.BLOCK)
+            planes[blocks] = ranker_layout.pack(*ranker_layout.quantize(chunk))
+        del chunk
+    table = Int4Linear(table_q, table_s, spec.group) if int4_table else Int8Linear(table_q, table_s)
+    coarse = Int4Linear(coarse_q, coarse_s, spec.group) if with_coarse else None
+    return QuantEmbedding(table, dtype, coarse, Int3Ranker(planes) if planes is not None else None)
+
+
+class _Shape:
+    """Just a shape, for the `supports(w)` checks that only read `w.shape` (a RawTensor is not decoded for it)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+
+def _int4_into(w: torch.Tensor, group: int, search: bool, packed_out: torch.Tensor, sz_out: torch.Tensor) -> None:
+    """`Int4Linear.from_weight`'s conversion of rows w, written into slices of preallocated outputs."""
+    q, sz = quantize_int4(w, group, search=search)
+    packed_out.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+    sz_out.copy_(sz.transpose(0, 1).to(sz_out.dtype))
 
 
 class QuantEmbedding(nn.Module):
@@ -313,45 +424,95 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def quantize_model(model: nn.Module, mode: str | Scheme, dtype: torch.dtype = torch.bfloat16,
-                   progress: Callable[[int], None] | None = None) -> nn.Module:
-    """Convert a (fp32) `Transformer` in place: linears and the tied embedding to `mode`, norms kept in fp32.
+                   progress: Callable[[int], None] | None = None,
+                   state: dict[str, Weight] | None = None) -> nn.Module:
+    """Convert a `Transformer` in place: linears and the tied embedding to `mode`, norms kept in fp32.
 
+    In memory (`state=None`): the module's own (fp32) weights are converted, e.g. after training or merging.
+    Streaming (`state` given, the module built on the meta device): each weight is taken out of `state` by its
+    canonical name (a float tensor or a `RawTensor`), decoded alone, converted and installed, so only one tensor
+    (or one chunk of the head's rows) is ever in fp32; `state` is left empty. Both ways share the per-tensor
+    code (`make_linear`, `make_head`), so they give the same modules bit for bit.
     Returns the model. `progress(n)` is called after each converted tensor (for a progress bar).
     """
     spec = scheme(mode) if isinstance(mode, str) else mode
     model.quant_scheme = spec
-    for block in model.model.layers:
-        for parent in (block.self_attn, block.mlp):
+
+    def take(name: str, held: torch.Tensor) -> Weight:
+        return state.pop(name) if state is not None else held.detach()
+
+    for i, block in enumerate(model.model.layers):
+        for part, parent in (("self_attn", block.self_attn), ("mlp", block.mlp)):
             for name in LINEAR_NAMES:
                 lin = getattr(parent, name, None)
                 if isinstance(lin, nn.Linear):
-                    setattr(parent, name, make_linear(lin.weight.detach(), spec.layers, spec.group, dtype))
+                    w = take(f"model.layers.{i}.{part}.{name}.weight", lin.weight)
+                    setattr(parent, name, make_linear(w, spec.layers, spec.group, dtype))
+                    del w, lin
+                    if state is not None:
+                        release_freed()
                     if progress:
                         progress(1)
     emb = model.model.embed_tokens
     if isinstance(emb, nn.Embedding):
-        if spec.head == "bf16":
+        w = take("model.embed_tokens.weight", emb.weight)
+        if spec.head != "bf16":
+            model.model.embed_tokens = make_head(w, spec, dtype)
+        elif state is None:
             emb.weight.data = emb.weight.data.to(dtype)
         else:
-            table = make_linear(emb.weight.detach(), spec.head, spec.group, dtype)
-            coarse = ranker = None
-            if spec.coarse_head and Int4Linear.supports(emb.weight, spec.group):
-                # only ranks candidates, so the plain min/max range is enough (5x faster to convert)
-                coarse = Int4Linear.from_weight(emb.weight.detach(), spec.group, dtype, search=False)
-                if Int3Ranker.supports(emb.weight):
-                    ranker = Int3Ranker.from_weight(emb.weight.detach())
-            model.model.embed_tokens = QuantEmbedding(table, dtype, coarse, ranker)
+            emb.weight = nn.Parameter(decoded_as(w, dtype), requires_grad=False)
+        del w
+        if state is not None:
+            release_freed()
         if progress:
             progress(1)
-    for module in model.modules():  # norms: fp32 weights, they cost nothing and keep the (1 + w) exact
+    for name, module in model.named_modules():  # norms: fp32 weights, they cost nothing and keep the (1 + w) exact
         if hasattr(module, "eps") and isinstance(getattr(module, "weight", None), nn.Parameter):
-            module.weight.data = module.weight.data.float()
+            if state is None:
+                module.weight.data = module.weight.data.float()
+            else:
+                module.weight = nn.Parameter(decoded(state.pop(f"{name}.weight")).clone(), requires_grad=False)
     return model
 
 
 def count_convertible(model: nn.Module) -> int:
     """How many tensors `quantize_model` converts (the length of its progress bar)."""
     return sum(1 for m in model.modules() if isinstance(m, nn.Linear)) + 1
+
+
+def conversion_bytes(shapes: dict[str, Weight], spec: Scheme) -> tuple[int, int]:
+    """(bytes the converted model holds, the largest transient of the conversion) for the tensors of `shapes`
+    (canonical names; only `.shape`, and a `RawTensor`'s type, are read), as `quantize_model` converts them
+    to `spec`. The transient is the fp32 copy of the largest layer tensor with the quantiser's temporaries
+    (about 3x), or a chunk of the head's rows with int4's clipping search (about 10x): an estimate for
+    `gemmakit.memory.check_fits`, not an exact figure."""
+    layer_bytes = {"int8": lambda n, k: n * k + 2 * n, "bf16": lambda n, k: 2 * n * k,
+                   "int4": lambda n, k: n * k // 2 + 4 * n * (k // spec.group)}
+    total = transient = 0
+    for name, w in shapes.items():
+        shape = tuple(int(d) for d in w.shape)
+        numel = math.prod(shape)
+        if len(shape) != 2:  # norms, in fp32
+            total += 4 * numel
+            continue
+        n, k = shape
+        if name == "model.embed_tokens.weight":
+            head = "int4" if spec.head == "int4" and n % 64 == 0 and k % spec.group == 0 else spec.head
+            total += layer_bytes.get(head, layer_bytes["int8"])(n, k)
+            if spec.coarse_head and head != "bf16" and n % 64 == 0 and k % spec.group == 0:
+                total += layer_bytes["int4"](n, k) + (3 * n * k // 8 + 4 * n * (k // 64) if _ranker_fits(shape) else 0)
+            transient = max(transient, 10 * 4 * min(n, HEAD_CHUNK_ROWS) * k)
+            continue
+        if spec.layers == "gguf" and isinstance(w, RawTensor) and BlockLinear.supports(w):
+            total += w.nbytes
+            continue
+        fmt = spec.layers if spec.layers in layer_bytes else "int8"
+        if fmt == "int4" and not (n % 64 == 0 and k % spec.group == 0):
+            fmt = "int8"
+        total += layer_bytes[fmt](n, k)
+        transient = max(transient, 3 * 4 * numel)
+    return total, transient
 
 
 def weight_bytes_per_token(model: nn.Module, ranked: bool = False) -> int:
@@ -371,7 +532,7 @@ def weight_bytes_per_token(model: nn.Module, ranked: bool = False) -> int:
     for module in model.modules():
         if any(module is s for s in skip):
             continue
-        if isinstance(module, (Int8Linear, Int4Linear, nn.Linear)):
+        if isinstance(module, (Int8Linear, Int4Linear, BlockLinear, nn.Linear)):
             total += sum(t.numel() * t.element_size() for t in module.buffers(recurse=False))
             total += sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
         elif isinstance(module, nn.Embedding):
@@ -381,7 +542,7 @@ def weight_bytes_per_token(model: nn.Module, ranked: bool = False) -> int:
 
 def is_quantized_state(state: dict[str, torch.Tensor]) -> bool:
     """True for the state dict of a quantised model (int8/int4 buffers, as `quantize_model` leaves them)."""
-    return any(k.endswith((".weight_int8", ".weight_int4")) for k in state)
+    return any(k.endswith((".weight_int8", ".weight_int4", ".weight_blocks")) for k in state)
 
 
 def install_quantized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -408,6 +569,8 @@ def install_quantized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def _linear_from_state(state: dict[str, torch.Tensor], prefix: str) -> nn.Module:
+    if f"{prefix}.weight_blocks" in state:
+        return BlockLinear(state[f"{prefix}.weight_blocks"], state[f"{prefix}.block_type"])
     if f"{prefix}.weight_int8" in state:
         return Int8Linear(state[f"{prefix}.weight_int8"], state[f"{prefix}.scales"])
     if f"{prefix}.weight_int4" in state:

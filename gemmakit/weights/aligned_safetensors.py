@@ -52,7 +52,8 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for piece in pieces:
-            f.write(piece if isinstance(piece, bytes) else piece.view(torch.uint8).numpy().tobytes())
+            # the tensor's own buffer, not a `tobytes()` copy: converting a large model writes its 1 GB head
+            f.write(piece if isinstance(piece, bytes) else memoryview(piece.view(torch.uint8).numpy()))
         f.flush()
         os.fsync(f.fileno())
 

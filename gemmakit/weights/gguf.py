@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp) to canonical names: rename, dequantise, and undo llama.cpp's +1 on norm weights.
 
 llama.cpp stores each RMSNorm weight as the effective multiplier (1 + w); our model computes (1 + w) itself,
-so 1 is subtracted here, once, for every tensor whose name ends in `norm.weight` (q/k norms included).
+so 1 is subtracted here, once, for every tensor whose name ends in `norm.weight` (q/k norms included); a lazy
+read leaves it to the `RawTensor` (`shift=-1.0`), which subtracts it when the tensor is decoded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from gemmakit.config import GemmaConfig
 from gemmakit.errors import FormatError
 from gemmakit.tokenizer import Tokenizer
 from gemmakit.weights.gguf_reader import GGUFFile
+from gemmakit.weights.raw import RawTensor
 from gemmakit.weights.source import Checkpoint
 
 _COMMON = {
@@ -64,15 +66,21 @@ def gguf_name(hf: str, family: str) -> str:
     return f"blk.{layer}.{inverse[rest.removesuffix('.weight')]}.weight"
 
 
-def read(path: str | Path) -> Checkpoint:
-    """The fp32 state dict in canonical names, the config and tokenizer from the metadata, each tensor's GGUF type
-    (by canonical name), and the `tokenizer.*` keys (a converted file stores them)."""
+def read(path: str | Path, lazy: bool = False) -> Checkpoint:
+    """The state dict in canonical names, the config and tokenizer from the metadata, each tensor's GGUF type
+    (by canonical name), and the `tokenizer.*` keys (a converted file stores them).
+
+    `lazy=False`: every tensor decoded to fp32 (4 bytes a weight, the whole model at once). `lazy=True`: each
+    tensor a `RawTensor`, a zero-copy view of the file's memory map decoded only when asked (norms carry
+    `shift=-1.0`), so a streaming conversion holds one decoded tensor at a time; the map stays open as long as
+    a view of it lives.
+    """
     path = Path(path)
     with GGUFFile(path) as f:
         config = GemmaConfig.from_gguf_metadata(f.metadata, source=str(path))
         tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=str(path))
         tokenizer_metadata = {k: v for k, v in f.metadata.items() if k.startswith("tokenizer.")}
-        state: dict[str, torch.Tensor] = {}
+        state: dict[str, torch.Tensor | RawTensor] = {}
         types: dict[str, str] = {}
         for name, info in f.tensors.items():
             canon = hf_name(name, config.family)
@@ -80,10 +88,9 @@ def read(path: str | Path) -> Checkpoint:
                 if name == "output.weight":
                     continue  # an untied copy of the embedding; Gemma ties them
                 raise FormatError(f"{path}: unexpected tensor {name!r} for architecture {config.family}")
-            tensor = f.tensor(name)
-            if name.endswith("norm.weight"):
-                tensor = tensor - 1.0
-            state[canon] = tensor
+            raw = RawTensor(f.raw(name), info.ggml_type, info.shape, str(path), name,
+                            shift=-1.0 if name.endswith("norm.weight") else 0.0)
+            state[canon] = raw if lazy else raw.dequantize()
             types[canon] = info.type_name
     if "model.embed_tokens.weight" not in state:
         raise FormatError(f"{path}: no token_embd.weight tensor")

@@ -19,6 +19,7 @@ from gemmakit.errors import FormatError, GemmaKitError, InputError
 
 if TYPE_CHECKING:
     from gemmakit.tokenizer import Tokenizer
+    from gemmakit.weights.raw import RawTensor
 
 KINDS = ("hf", "gguf", "gemma_pytorch", "converted")
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -41,14 +42,15 @@ class Source:
 class Checkpoint:
     """What a reader produces: everything needed to build a model.
 
-    `state` holds canonical (transformers) names: float tensors for a weight file, the quantised modules' buffers
-    for a converted file (`scheme` then names its scheme). `source` is the original weights (for a converted
+    `state` holds canonical (transformers) names: float tensors for a weight file, or `RawTensor`s (the stored
+    bytes, decoded on demand) for a lazy read, or the quantised modules' buffers for a converted file (`scheme`
+    then names its scheme). `source` is the original weights (for a converted
     file, the file it was converted from). `tokenizer_metadata` keeps a GGUF's `tokenizer.*` keys, which a
     converted file stores so that it needs no other file.
     """
 
     config: GemmaConfig
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor | RawTensor]
     tokenizer: Tokenizer
     source: Path
     tensor_types: dict[str, str]
@@ -108,17 +110,19 @@ def _sniff(path: Path) -> bytes:
         raise InputError(f"{path}: cannot read: {e}") from e
 
 
-def read_checkpoint(source: str | Path | Source) -> Checkpoint:
-    """Read a model with the reader for its kind (HF directory, GGUF, gemma_pytorch checkpoint, converted file)."""
+def read_checkpoint(source: str | Path | Source, lazy: bool = False) -> Checkpoint:
+    """Read a model with the reader for its kind (HF directory, GGUF, gemma_pytorch checkpoint, converted file).
+    `lazy=True`: an HF directory's or a GGUF's tensors stay `RawTensor`s over the file's memory map (for a
+    streaming conversion); the other kinds are read as usual."""
     source = resolve_source(source)
     if source.kind == "hf":
         from gemmakit.weights import hf
 
-        return hf.read(source.path)
+        return hf.read(source.path, lazy=lazy)
     if source.kind == "gguf":
         from gemmakit.weights import gguf
 
-        return gguf.read(source.path)
+        return gguf.read(source.path, lazy=lazy)
     if source.kind == "gemma_pytorch":
         from gemmakit.weights import gemma_pytorch
 

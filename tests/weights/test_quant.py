@@ -155,10 +155,30 @@ def test_fingerprint_changes_with_the_file(tmp_path):
     assert converted.cache_path(f, "int8") not in (key, key2)
 
 
+def test_an_hf_directory_loads_fast_by_default_like_a_gguf(tiny_dir, monkeypatch):
+    """No dtype on a CPU with fast bf16: an HF directory is converted once to int8-rescore (cached, then mapped)
+    and decodes through the native step; without fast bf16 it stays the fp32 reference."""
+    with monkeypatch.context() as patched:
+        patched.setattr(quant, "has_fast_bf16", lambda: False)
+        assert isinstance(gemmakit.load(tiny_dir).module.model.embed_tokens, nn.Embedding)
+    if not quant.has_fast_bf16():
+        pytest.skip("this CPU has no fast bf16, where the default is the fp32 reference (checked above)")
+    fast = gemmakit.load(tiny_dir)
+    assert fast.module.quant_scheme == "int8-rescore"
+    assert isinstance(fast.module.model.layers[0].mlp.up_proj, quant.Int8Linear)
+    assert isinstance(fast.module.model.embed_tokens, quant.QuantEmbedding)
+    from gemmakit.decoding import native
+
+    if native.library() is not None:
+        assert fast.decoder_choice.name == native.NativeDecoder.name
+    again = gemmakit.load(tiny_dir)  # the cached conversion, mapped
+    assert torch.equal(again.logits([2, 10, 20]), fast.logits([2, 10, 20]))
+
+
 def test_explicit_dtype_keeps_the_exact_path(tiny_dir):
     exact = gemmakit.load(tiny_dir, dtype="float32")
     assert isinstance(exact.module.model.layers[0].mlp.up_proj, nn.Linear)
-    assert isinstance(gemmakit.load(tiny_dir).module.model.embed_tokens, nn.Embedding)  # HF dirs: as stored
+    assert isinstance(exact.module.model.embed_tokens, nn.Embedding)
     with pytest.raises(InputError, match="quant"):
         gemmakit.load(tiny_dir, quant="int8", dtype="float16")
 
