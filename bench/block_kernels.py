@@ -7,7 +7,7 @@ memory. Shapes are Gemma 2 2B's MLP: [9216, 2304] (gate/up) and [2304, 9216] (do
 different copy of the matrix (together well past the last-level cache), as a decode step reads each layer's weights
 from memory; "hot" repeats one matrix (cache-resident, where the L3 holds it).
 
-    .venv/bin/python bench/block_kernels.py [--threads 2] [--calls 200] [--pool-mb 384]
+    .venv/bin/python bench/block_kernels.py [--threads 2] [--calls 300] [--pool-mb 384]
 
 Not run in CI. Weights are random bytes with small fp16 scales (speed does not depend on the values).
 """
@@ -15,6 +15,7 @@ Not run in CI. Weights are random bytes with small fp16 scales (speed does not d
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -38,22 +39,22 @@ def random_blocks(name: str, rows: int, cols: int, gen: torch.Generator) -> torc
 
 
 def time_calls(fn, pool: list, calls: int) -> float:
-    """Best-of-3 mean seconds per call, cycling through `pool` (one operand per call)."""
+    """Median seconds per call, cycling through `pool` (one operand per call). The median, not the mean: on a
+    shared machine a call whose thread is descheduled waits at the team's barrier for a whole time slice."""
     for item in pool[:4]:
         fn(item)
-    best = float("inf")
-    for _ in range(3):
+    times = []
+    for i in range(calls):
         start = time.perf_counter()
-        for i in range(calls):
-            fn(pool[i % len(pool)])
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
+        fn(pool[i % len(pool)])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--pool-mb", type=int, default=384, help="bytes of matrix copies cycled through per shape")
     args = parser.parse_args()
     lib = library()
