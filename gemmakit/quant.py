@@ -505,7 +505,7 @@ def conversion_bytes(shapes: dict[str, Weight], spec: Scheme) -> tuple[int, int]
             transient = max(transient, 10 * 4 * min(n, HEAD_CHUNK_ROWS) * k)
             continue
         if spec.layers == "gguf" and isinstance(w, RawTensor) and BlockLinear.supports(w):
-            total += w.nbytes
+            total += w.nbytes + 8  # + its block_type buffer
             continue
         fmt = spec.layers if spec.layers in layer_bytes else "int8"
         if fmt == "int4" and not (n % 64 == 0 and k % spec.group == 0):

@@ -313,3 +313,21 @@ def test_converting_streams_within_the_converted_size_plus_one_tensor(big_gguf, 
     assert bound < 0.7 * fp32  # the bound itself tells streaming from building in fp32
     assert result["growth"] < bound, (f"anonymous memory grew {result['growth'] / 1e6:.0f} MB converting a model "
                                       f"of {fp32 / 1e6:.0f} MB in fp32 (bound {bound / 1e6:.0f} MB)")
+
+
+def test_gguf_rescore_streams_a_gguf_keeping_its_blocks(tiny_q8):
+    """Layers as the file stores them (BlockLinear over the file's map, never decoded); head int8-rescore."""
+    if "gguf-rescore" not in quant.SCHEMES:
+        pytest.skip("the gguf-rescore scheme is not defined yet")
+    checkpoint = loader.read_checkpoint(tiny_q8, lazy=True)
+    raw = checkpoint.state["model.layers.0.self_attn.q_proj.weight"]
+    module = loader.quantized_module(checkpoint, "gguf-rescore")
+    q = module.model.layers[0].self_attn.q_proj
+    assert isinstance(q, BlockLinear) and q.weight_blocks.data_ptr() == raw.blocks().data_ptr()
+    assert all(isinstance(getattr(layer.mlp, n), BlockLinear) for layer in module.model.layers
+               for n in ("gate_proj", "up_proj", "down_proj"))
+    reference = _old_conversion(tiny_q8, "int8-rescore")
+    assert torch.equal(module.model.embed_tokens.table.weight_int8, reference.model.embed_tokens.table.weight_int8)
+    estimate, _ = quant.conversion_bytes(loader.read_checkpoint(tiny_q8, lazy=True).state, quant.scheme("gguf-rescore"))
+    held = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    assert held <= estimate <= 1.1 * held + 4096
