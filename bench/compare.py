@@ -215,8 +215,8 @@ def compare_one(model: str, args: argparse.Namespace, bandwidth: float) -> dict:
     tokens = make_tokens(model, args)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(tokens, f)
-    runners = args.runners or ",".join(("gemmakit", "llama.cpp") if args.quick
-                                       else RANDOM_RUNNERS if tokens["random"] else RUNNERS)
+    runners = args.runners if args.runners is not None else ",".join(
+        ("gemmakit", "llama.cpp") if args.quick else RANDOM_RUNNERS if tokens["random"] else RUNNERS)
     size = Path(tokens["path"]).stat().st_size
     print(f"[bench] {tokens['path']} ({size / 1e9:.2f} GB){' random weights' if tokens['random'] else ''}; "
           f"runners {runners}", file=sys.stderr, flush=True)
@@ -267,7 +267,7 @@ def main() -> int:
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--runners", default=None,
                    help=f"comma list of {', '.join(RUNNERS)} (default: all; {','.join(RANDOM_RUNNERS)} for "
-                        "random-weight files)")
+                        "random-weight files; '' for none: only the loads)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per runner")
     p.add_argument("--decode-rounds", type=int, default=None,
                    help="then alternate gemmakit and llama.cpp decode-only runs this many times (0: skip) and "
