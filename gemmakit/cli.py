@@ -17,15 +17,16 @@ VERB_MODULES: list[str] = ["gemmakit.train.cli", "gemmakit.quant_cli", "gemmakit
 MODEL_HELP = "an HF model directory, a .gguf file, a gemma_pytorch .ckpt, or 'default' (the embedded Gemma 3 270M)"
 
 
-AUTO_DTYPE_HELP = ("auto (default): gemmakit.load()'s own choice, int8 weights with bf16 activations for GGUF files on "
-                   "CPUs with bf16 (perplexity within 1%% of float32), float32 otherwise; a dtype means that dtype "
-                   "unquantised (float32 is the exact reference path)")
+AUTO_DTYPE_HELP = ("auto (default): gemmakit.load()'s own choice on CPUs with bf16: a GGUF's layers as the file "
+                   "stores them (Q4_K, Q6_K, ...) with an int8 head, an HF directory converted once to int8 "
+                   "(perplexity within 1%% of float32); float32 otherwise. A dtype means that dtype unquantised "
+                   "(float32 is the exact reference path)")
 
 
 def add_model_argument(parser: argparse.ArgumentParser, fast: bool = False, float_reason: str | None = None) -> None:
     """MODEL and --dtype: every verb loads the way `gemmakit.load(MODEL)` does unless it says why not.
 
-    By default --dtype is "auto", the library's own choice (the int8 fast path for a GGUF on a CPU with bf16),
+    By default --dtype is "auto", the library's own choice (the quantised fast path on a CPU with bf16),
     and `load_model` prints which path ran. A verb that needs float weights (training, export, activations
     stored as training data) passes `float_reason`: it defaults to float32 and its --help gives the reason.
     `fast` (generation verbs) also offers --compile.
@@ -85,6 +86,8 @@ def load_model(args: argparse.Namespace):
 
     start = time.perf_counter()
     dtype = None if args.dtype == "auto" else args.dtype
+    if dtype is None and getattr(args, "adapter", None):
+        dtype = "float32"  # a LoRA adapter (an agile classifier) wraps float layers, not quantised ones
     model = load(args.model, dtype=dtype, compile=getattr(args, "compile", False))
     print(f"[loaded {model.source} in {time.perf_counter() - start:.1f} s: "
           f"{describe_load(model, args.dtype, getattr(args, 'float_reason', None))}; decoding: "

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,7 +204,7 @@ def convert(source: str | Path | Source, scheme_name: str, out: str | Path | Non
                    checkpoint.tokenizer_metadata, digest)
     if progress:
         print(f"[gemmakit: converted {source.path.name} to {scheme_name} in {time.perf_counter() - start:.0f} s, "
-              f"saved {out}]")
+              f"saved {out}]", file=sys.stderr)  # stdout is the command's output (JSON, a reply)
     return out
 
 
@@ -222,14 +223,21 @@ def cached_conversion(source: Source, scheme_name: str, progress: bool = True) -
 
 # --- gemmakit.load's choice ----------------------------------------------------------------------------------------
 def default_scheme(source: Source, dtype: object, device: str) -> str | None:
-    """`quant="auto"`: int8-rescore for a GGUF (already-quantised release weights) or an HF directory (converted
-    once, cached, then mapped) on a CPU with fast bf16 when no dtype was asked for; None (weights as stored,
-    fp32) for everything else. Any explicit dtype (e.g. "float32", the exact reference) keeps the float path."""
+    """`quant="auto"` on a CPU with fast bf16 when no dtype was asked for: a GGUF keeps its layers' own blocks
+    ("gguf-rescore": the file's model, at the file's bytes a token) when the native block kernels are built, else
+    int8-rescore; an HF directory gets int8-rescore (converted once, cached, then mapped). None (weights as
+    stored, fp32) for everything else: any explicit dtype (e.g. "float32", the exact reference) keeps the float
+    path."""
     from gemmakit.quant import has_fast_bf16
 
-    if dtype is None and device == "cpu" and source.kind in ("gguf", "hf") and has_fast_bf16():
-        return "int8-rescore"
-    return None
+    if dtype is not None or device != "cpu" or source.kind not in ("gguf", "hf") or not has_fast_bf16():
+        return None
+    if source.kind == "gguf":
+        from gemmakit.decoding.native import kernels
+
+        if kernels.has_block_kernels():
+            return "gguf-rescore"
+    return "int8-rescore"
 
 
 def load_model(path_or_name: str | Path | Source, dtype: str | torch.dtype | None = None, device: str = "cpu",

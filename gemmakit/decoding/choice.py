@@ -2,8 +2,9 @@
 
 The rule, in order:
 1. `compile=True` asked for: the compiled decoder (any model, any device; it compiles once per shape).
-2. Every layer linear int8 on CPU (the default load of a GGUF, `quant="int8..."` schemes) and the native library
-   available: the native decoder (`GEMMAKIT_NATIVE=0` turns it off).
+2. Every layer linear int8 or a GGUF file's own blocks on CPU (the default load of a GGUF or an HF directory,
+   `quant="int8..."` and "gguf-rescore" schemes) and the native library available: the native decoder
+   (`GEMMAKIT_NATIVE=0` turns it off).
 3. Otherwise the eager decoder, the module's own forward.
 A decoder may still decline a step it cannot run (hooks registered, a batch wider than it serves): the engine
 and the scheduler then run that step eagerly (`usable`), so hooks always see every token.
@@ -38,10 +39,12 @@ def choose_decoder(model: Transformer, compile: bool = False) -> DecoderChoice:
     from gemmakit.decoding import native
 
     if not native.supports(model):
-        why = "not all layers are int8 on CPU" if model.device.type == "cpu" else f"device {model.device}"
-        return DecoderChoice(EagerDecoder(model), f"module forward ({why}; the native step needs int8 layers on CPU)")
+        why = "not all layers are int8 or GGUF blocks" if model.device.type == "cpu" else f"device {model.device}"
+        return DecoderChoice(EagerDecoder(model), f"module forward ({why}; the native step needs int8 or GGUF-block "
+                                                  "layers on CPU)")
     lib = native.library()
     if lib is None:
         return DecoderChoice(EagerDecoder(model), f"module forward (native step unavailable: "
                                                   f"{native.unavailable_reason()})")
-    return DecoderChoice(native.NativeDecoder(model, lib), "int8 layers on CPU: all layers in one C++ call")
+    return DecoderChoice(native.NativeDecoder(model, lib),
+                         f"{native.layer_formats(model)} layers on CPU: all layers in one C++ call")

@@ -79,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from gemmakit import load
 
         with tqdm(total=1, desc=f"loading {args.moderation_model}", unit="model", file=sys.stderr) as bar:
-            model = load(args.moderation_model)
+            model = load(args.moderation_model, dtype="float32" if args.moderation_adapter else None)
             bar.update(1)
         return model
 

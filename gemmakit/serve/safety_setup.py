@@ -31,7 +31,7 @@ def build_moderator(gemma: Any, options: ServeOptions, moderation_model: Any | N
         from gemmakit import load
         from gemmakit.safety.agile import AgileClassifier
 
-        base = model if moderation_model is not None else load(gemma.source)
+        base = model if moderation_model is not None else load(gemma.source, dtype="float32")  # LoRA needs float layers
         classifier = AgileClassifier.load(base, options.moderation_adapter)
         return Moderator(classifier, classifier.config.name, None, lock)
     try:

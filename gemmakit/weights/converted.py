@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -163,4 +164,4 @@ def remove_older_formats(path: Path, progress: bool = True) -> None:
         if old != path:
             old.unlink(missing_ok=True)
             if progress:
-                print(f"[gemmakit: removed {old.name}, an older format of the same conversion]")
+                print(f"[gemmakit: removed {old.name}, an older format of the same conversion]", file=sys.stderr)

@@ -80,9 +80,12 @@ def load_plan(source: Source, dtype: str | None = None) -> str:
     if dtype is not None:
         return f"{dtype} weights and activations, unquantised (dtype={dtype!r})"
     scheme = default_scheme(source, None, "cpu")
+    if scheme == "gguf-rescore":
+        return (f"the file's own quantised layers (Q4_K, Q6_K, ...) and an int8 head ({scheme}: the default for a GGUF "
+                "on a CPU with bf16, converted once into the cache; dtype='float32' is the exact reference path)")
     if scheme is not None:
-        return (f"int8 weights, bf16 activations ({scheme}: the default for a GGUF on a CPU with bf16, converted once "
-                "into the cache; dtype='float32' is the exact reference path)")
+        return (f"int8 weights, bf16 activations ({scheme}: the default for {source.kind.upper()} weights on a CPU "
+                "with bf16, converted once into the cache; dtype='float32' is the exact reference path)")
     return "float32 weights and activations, unquantised (the default for this format on this CPU)"
 
 

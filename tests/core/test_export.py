@@ -87,7 +87,7 @@ def test_cli_exports_model_with_merged_adapter(tmp_path):
     from support.train_helpers import save_tiny_model
 
     source = save_tiny_model("gemma", tmp_path / "src")
-    adapted = gemmakit.load(source)
+    adapted = gemmakit.load(source, dtype="float32")
     config = LoraConfig(r=2, target_modules=["v_proj", "up_proj"])
     apply_lora(adapted.module, config)
     with torch.no_grad():
@@ -95,7 +95,7 @@ def test_cli_exports_model_with_merged_adapter(tmp_path):
             p.normal_(0, 0.1)
     save_adapter(adapted.module, tmp_path / "adapter", config)
     assert main(["export", str(source), str(tmp_path / "out"), "--adapter", str(tmp_path / "adapter")]) == 0
-    exported = gemmakit.load(tmp_path / "out")
+    exported = gemmakit.load(tmp_path / "out", dtype="float32")
     assert (tmp_path / "out" / "tokenizer.model").exists()
     with torch.no_grad():
         torch.testing.assert_close(exported.module(ids(2)), adapted.module(ids(2)), atol=1e-5, rtol=1e-5)

@@ -110,8 +110,12 @@ def test_info_states_what_load_would_run(tmp_path, capsys):
     save_hf_model("gemma", directory)
     save_tiny_tokenizer(directory)
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+    from gemmakit.quant import has_fast_bf16
+
     assert cli_main(["info", str(directory)]) == 0
-    assert "load():        float32 weights and activations, unquantised" in capsys.readouterr().out
+    default = ("int8 weights, bf16 activations (int8-rescore" if has_fast_bf16()
+               else "float32 weights and activations, unquantised")
+    assert f"load():        {default}" in capsys.readouterr().out
     assert cli_main(["info", str(directory), "--dtype", "bfloat16"]) == 0
     assert "load():        bfloat16 weights and activations, unquantised" in capsys.readouterr().out
     assert not (tmp_path / "cache").exists()  # describing converts nothing

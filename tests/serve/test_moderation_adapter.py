@@ -16,7 +16,7 @@ def adapter_dir(tiny_chat_gemma, tmp_path_factory):
     from gemmakit.safety.agile import AgileConfig, train_agile
     from gemmakit.safety.datasets import Example
 
-    base = gemmakit.load(tiny_chat_gemma.source)  # a copy: training wraps the module with LoRA layers
+    base = gemmakit.load(tiny_chat_gemma.source, dtype="float32")  # a copy: training wraps the module with LoRA layers
     examples = [Example("the quick brown fox", 0), Example("the lazy dog is bad", 1), Example("hello there", 0),
                 Example("I will hurt the dog", 1)]
     config = AgileConfig(labels=("is", "dog"), epochs=1, batch_size=2, max_length=110, name="toxic")
@@ -35,7 +35,7 @@ def test_moderations_scored_by_an_agile_classifier(tiny_chat_gemma, adapter_dir,
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model"] == "toxic"
-        reference = AgileClassifier.load(gemmakit.load(tiny_chat_gemma.source), adapter_dir)
+        reference = AgileClassifier.load(gemmakit.load(tiny_chat_gemma.source, dtype="float32"), adapter_dir)
         for text, result in zip(texts, body["results"], strict=True):
             expected = reference.score(text)["toxic"]
             assert result["category_scores"] == {"toxic": pytest.approx(expected, abs=1e-6)}

@@ -107,7 +107,7 @@ def tiny(tmp_path_factory):
 
 
 def test_offline_topk_file_round_trip(tiny, tmp_path):
-    teacher = gemmakit.load(tiny[1])
+    teacher = gemmakit.load(tiny[1], dtype="float32")
     rows = read_jsonl(write_jsonl(tmp_path / "d.jsonl", "prompt", repeat=1))
     examples = encode_rows(rows, teacher.tokenizer, 64)
     path = save_teacher_topk(teacher.module, examples, tmp_path / "topk.safetensors", k=8, batch_size=4,
@@ -124,7 +124,7 @@ def test_offline_topk_file_round_trip(tiny, tmp_path):
 
 @pytest.mark.parametrize("mode", ["offline", "gkd"])
 def test_distillation_lowers_loss(tiny, tmp_path, mode):
-    student, teacher = gemmakit.load(tiny[0]), gemmakit.load(tiny[1])
+    student, teacher = gemmakit.load(tiny[0], dtype="float32"), gemmakit.load(tiny[1], dtype="float32")
     rows = read_jsonl(write_jsonl(tmp_path / "d.jsonl", "prompt"))
     cfg = DistillConfig(out=str(tmp_path / mode), mode=mode, lr=1e-2, batch_size=4, max_steps=12, top_k=16,
                         beta=0.5, lmbda=0.5, max_new_tokens=6, progress=False, schedule="constant")
@@ -140,7 +140,7 @@ def test_distillation_lowers_loss(tiny, tmp_path, mode):
 
 
 def test_gkd_on_policy_completions_come_from_the_student(tiny):
-    student, teacher = gemmakit.load(tiny[0]), gemmakit.load(tiny[1])
+    student, teacher = gemmakit.load(tiny[0], dtype="float32"), gemmakit.load(tiny[1], dtype="float32")
     rows = [{"prompt": "Two plus two?", "completion": "Four."}]
     examples = encode_rows(rows, student.tokenizer, 64)
     task = GKDLoss(student.module, teacher.module, student.tokenizer, lmbda=1.0, max_new_tokens=5,
@@ -156,7 +156,7 @@ def test_gkd_on_policy_completions_come_from_the_student(tiny):
 def test_gkd_draws_depend_on_step_and_global_index_not_on_rank(tiny):
     """Under torchrun every rank must take the same λ decision (FSDP needs the same collectives everywhere), and
     rank r's rows (r, r + N, … of the global micro-batch) must get the completions one process samples for them."""
-    student, teacher = gemmakit.load(tiny[0]), gemmakit.load(tiny[1])
+    student, teacher = gemmakit.load(tiny[0], dtype="float32"), gemmakit.load(tiny[1], dtype="float32")
     rows = [{"prompt": q, "completion": a} for q, a in [("Two plus two?", "Four."), ("Say hello.", "Hello."),
                                                          ("Who is lazy?", "The dog."), ("Is it?", "Yes.")]]
     examples = encode_rows(rows, student.tokenizer, 64)

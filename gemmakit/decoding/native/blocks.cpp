@@ -36,12 +36,20 @@ int matvec(int64_t type, const uint8_t* w, int64_t rows, int64_t cols, const flo
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < m; ++i)
       quantize_act(x + i * cols, cols, q.data() + i * cols, d.data() + i * nb, sums.data() + i * nb);
+    // Runs of weight rows small enough to stay in L2 (about 128 KB) while every activation row passes over them,
+    // so a long prompt's activations (m x cols bytes, megabytes) are streamed once per run, not once per row.
+    // (and at least four runs a thread, so a small matrix still keeps every thread busy)
+    const int64_t per_thread = (rows + 4 * threads - 1) / (4 * std::max(threads, 1));
+    const int64_t run = std::max<int64_t>(1, std::min<int64_t>((128 << 10) / row_bytes, per_thread));
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const uint8_t* row = w + r * row_bytes;
+    for (int64_t r0 = 0; r0 < rows; r0 += run) {
+      const int64_t r1 = std::min(rows, r0 + run);
       for (int64_t i = 0; i < m; ++i) {
         const ActRow act = {q.data() + i * cols, d.data() + i * nb, sums.data() + i * nb};
-        y[i * rows + r] = scalar ? block_dot_scalar(type, row, act, cols) : block_dot(type, row, act, cols);
+        for (int64_t r = r0; r < r1; ++r) {
+          const uint8_t* row = w + r * row_bytes;
+          y[i * rows + r] = scalar ? block_dot_scalar(type, row, act, cols) : block_dot(type, row, act, cols);
+        }
       }
     }
   }
@@ -53,8 +61,8 @@ int matvec(int64_t type, const uint8_t* w, int64_t rows, int64_t cols, const flo
 extern "C" {
 
 // y [m, rows] = x [m, cols] W^T for W [rows, cols] stored as ggml blocks of `type`, rows of block_row_bytes each.
-// Each activation row is quantised once; the rows of W are split among the threads in static contiguous runs, and
-// each weight row is dotted with all m activation rows while it is in L1. Every y value is block_dot of its own
+// Each activation row is quantised once; runs of rows of W (about 128 KB each) are split among the threads, and
+// each run is dotted with all m activation rows while it is in L2. Every y value is block_dot of its own
 // weight row and activation row, so it is the same whatever m or the thread count. Returns 0, or -1 for an
 // unsupported type or cols that are not whole blocks.
 int gk_block_matvec(int64_t type, const uint8_t* w, int64_t rows, int64_t cols, const float* x, int64_t m, float* y,

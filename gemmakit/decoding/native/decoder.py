@@ -50,6 +50,13 @@ def supports(model: Transformer) -> bool:
             and all(norm.weight.dtype == torch.float32 for norm in norms))
 
 
+def layer_formats(model: Transformer) -> str:
+    """The layer linears' formats, e.g. "int8" or "Q4_K/Q5_0/Q6_K/Q8_0" (for the decoder choice's reason)."""
+    names = {lin.type_name if isinstance(lin, BlockLinear) else "int8"
+             for block in model.model.layers for lin in block.modules() if isinstance(lin, (Int8Linear, BlockLinear))}
+    return "/".join(sorted(names))
+
+
 def _matrix(lin: Int8Linear | BlockLinear, keep: list[torch.Tensor]) -> abi.Matrix:
     """The GkMatrix of one layer linear; the tensors it points into are appended to `keep`."""
     if isinstance(lin, BlockLinear):
