@@ -213,6 +213,24 @@ def test_batch_and_thread_invariance(name: str) -> None:
     assert torch.equal(batch, alone) and torch.equal(batch, batch_one)
 
 
+@pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
+@pytest.mark.parametrize("name", list(TYPES))
+def test_multi_row_kernels_equal_one_row_calls(name: str, scalar: bool) -> None:
+    """block_dot_rows unpacks each weight block once for up to 4 activation rows; every m = 1..9 (so every count
+    1..4 and the chunks of 4 after them) gives bitwise the results of one-row calls (block_dot alone). The width
+    leaves a legacy type 25 blocks (3 groups of 8 and a tail block), a K-quant 3 super-blocks."""
+    rng = np.random.default_rng(500 + TYPES[name])
+    rows, cols = 23, 800 if GGML_QUANT_SIZES[qtype(name)][0] == 32 else 768
+    blocks = torch.from_numpy(random_blocks(name, rows, cols, rng))
+    x = torch.from_numpy(random_activations(9, cols, rng))
+    alone = torch.cat([kernels.block_matvec(TYPES[name], blocks, x[i:i + 1], scalar=scalar) for i in range(9)])
+    assert torch.isfinite(alone).all() and alone.abs().max() > 0
+    for m in range(1, 10):
+        batch = kernels.block_matvec(TYPES[name], blocks, x[:m], scalar=scalar)
+        same = batch.view(torch.int32) == alone[:m].view(torch.int32)
+        assert same.all(), f"{name}, m = {m}: {int((~same).sum())} of {same.numel()} values differ from one-row calls"
+
+
 def test_bad_inputs_raise() -> None:
     x = torch.zeros(1, 256)
     with pytest.raises(InputError, match="Q4_1"):

@@ -44,11 +44,22 @@ int matvec(int64_t type, const uint8_t* w, int64_t rows, int64_t cols, const flo
 #pragma omp for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += run) {
       const int64_t r1 = std::min(rows, r0 + run);
-      for (int64_t i = 0; i < m; ++i) {
-        const ActRow act = {q.data() + i * cols, d.data() + i * nb, sums.data() + i * nb};
+      // activation rows kMaxRows at a time: each weight block is unpacked once for all of them
+      for (int64_t i0 = 0; i0 < m; i0 += kMaxRows) {
+        const int count = static_cast<int>(std::min<int64_t>(kMaxRows, m - i0));
+        ActRow acts[kMaxRows];
+        for (int j = 0; j < count; ++j) {
+          const int64_t i = i0 + j;
+          acts[j] = {q.data() + i * cols, d.data() + i * nb, sums.data() + i * nb};
+        }
         for (int64_t r = r0; r < r1; ++r) {
           const uint8_t* row = w + r * row_bytes;
-          y[i * rows + r] = scalar ? block_dot_scalar(type, row, act, cols) : block_dot(type, row, act, cols);
+          float out[kMaxRows];
+          if (scalar)
+            block_dot_scalar_rows(type, row, acts, count, cols, out);
+          else
+            block_dot_rows(type, row, acts, count, cols, out);
+          for (int j = 0; j < count; ++j) y[(i0 + j) * rows + r] = out[j];
         }
       }
     }
@@ -62,8 +73,8 @@ extern "C" {
 
 // y [m, rows] = x [m, cols] W^T for W [rows, cols] stored as ggml blocks of `type`, rows of block_row_bytes each.
 // Each activation row is quantised once; runs of rows of W (about 128 KB each) are split among the threads, and
-// each run is dotted with all m activation rows while it is in L2. Every y value is block_dot of its own
-// weight row and activation row, so it is the same whatever m or the thread count. Returns 0, or -1 for an
+// each run is dotted with all m activation rows (4 at a time, block_dot_rows) while it is in L2. Every y value is
+// bitwise block_dot of its own weight row and activation row, so it is the same whatever m or the thread count. Returns 0, or -1 for an
 // unsupported type or cols that are not whole blocks.
 int gk_block_matvec(int64_t type, const uint8_t* w, int64_t rows, int64_t cols, const float* x, int64_t m, float* y,
                     int threads) {

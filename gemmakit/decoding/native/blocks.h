@@ -173,6 +173,11 @@ inline void prefetch_bytes(const uint8_t* p, int64_t bytes) {
 #endif
 }
 
+// Activation rows a weight row is dotted with per call of block_dot_rows: each weight block's codes and scales are
+// unpacked once for all of them. Why 4: past that the per-row work (a multiply-add per 64 values) dominates the
+// shared unpacking, and 4 rows' accumulators still fit the registers.
+constexpr int kMaxRows = 4;
+
 // --- scalar reference: the same integers as the vector path -------------------------------------------------------
 // Decoded codes of one block (q - offset for the symmetric types, the unsigned code for Q4_K/Q5_K), 32 or 256.
 inline void decode_codes(int64_t type, const uint8_t* blk, int32_t* out) {
@@ -222,55 +227,78 @@ inline void decode_codes(int64_t type, const uint8_t* blk, int32_t* out) {
   }
 }
 
-float block_dot_scalar(int64_t type, const uint8_t* row, const ActRow& x, int64_t k) {
+// out[r] = the row against xs[r], r < count (any count): each block decoded once for all rows; per row the same
+// float operations in the same order whatever count is, so out[r] is block_dot_scalar(type, row, xs[r], k) bitwise.
+void block_dot_scalar_rows(int64_t type, const uint8_t* row, const ActRow* xs, int count, int64_t k, float* out) {
+  for (; count > kMaxRows; count -= kMaxRows, xs += kMaxRows, out += kMaxRows)
+    block_dot_scalar_rows(type, row, xs, kMaxRows, k, out);
   int64_t values, bytes;
   block_shape(type, &values, &bytes);
+  float sum[kMaxRows] = {0.0f, 0.0f, 0.0f, 0.0f};
   int32_t codes[kSuper];
-  float sum = 0.0f;
-  for (int64_t blk_i = 0; blk_i < k / values; ++blk_i) {
+  for (int64_t blk_i = 0; values > 0 && blk_i < k / values; ++blk_i) {
     const uint8_t* blk = row + blk_i * bytes;
-    const int8_t* xq = x.q + blk_i * values;
     decode_codes(type, blk, codes);
     if (values == 32) {  // Q4_0, Q5_0, Q8_0: one activation block
-      int32_t dot = 0;
-      for (int j = 0; j < 32; ++j) dot += codes[j] * xq[j];
-      sum += half_to_float(blk) * x.d[blk_i] * static_cast<float>(dot);
+      const float d = half_to_float(blk);
+      for (int r = 0; r < count; ++r) {
+        const int8_t* xq = xs[r].q + blk_i * values;
+        int32_t dot = 0;
+        for (int j = 0; j < 32; ++j) dot += codes[j] * xq[j];
+        sum[r] += d * xs[r].d[blk_i] * static_cast<float>(dot);
+      }
       continue;
     }
-    const float* dx = x.d + blk_i * 8;
-    const int32_t* sx = x.sums + blk_i * 8;
     if (type == kQ6_K) {
       const float d = half_to_float(blk + 208);
       const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-      for (int b = 0; b < 8; ++b) {
-        int32_t dot = 0;
-        for (int l = 0; l < 32; ++l) dot += sc[2 * b + l / 16] * codes[32 * b + l] * xq[32 * b + l];
-        sum += d * dx[b] * static_cast<float>(dot);
+      for (int r = 0; r < count; ++r) {
+        const int8_t* xq = xs[r].q + blk_i * values;
+        const float* dx = xs[r].d + blk_i * 8;
+        for (int b = 0; b < 8; ++b) {
+          int32_t dot = 0;
+          for (int l = 0; l < 32; ++l) dot += sc[2 * b + l / 16] * codes[32 * b + l] * xq[32 * b + l];
+          sum[r] += d * dx[b] * static_cast<float>(dot);
+        }
       }
       continue;
     }
     const float d = half_to_float(blk), dmin = half_to_float(blk + 2);
     uint8_t sm[16];
     k4_scales(blk + 4, sm);
-    for (int j = 0; j < 8; ++j) {
-      int32_t dot = 0;
-      for (int l = 0; l < 32; ++l) dot += codes[32 * j + l] * xq[32 * j + l];
-      sum += d * static_cast<float>(sm[j]) * dx[j] * static_cast<float>(dot);
-      sum -= dmin * static_cast<float>(sm[8 + j]) * dx[j] * static_cast<float>(sx[j]);
+    for (int r = 0; r < count; ++r) {
+      const int8_t* xq = xs[r].q + blk_i * values;
+      const float* dx = xs[r].d + blk_i * 8;
+      const int32_t* sx = xs[r].sums + blk_i * 8;
+      for (int j = 0; j < 8; ++j) {
+        int32_t dot = 0;
+        for (int l = 0; l < 32; ++l) dot += codes[32 * j + l] * xq[32 * j + l];
+        sum[r] += d * static_cast<float>(sm[j]) * dx[j] * static_cast<float>(dot);
+        sum[r] -= dmin * static_cast<float>(sm[8 + j]) * dx[j] * static_cast<float>(sx[j]);
+      }
     }
   }
-  return sum;
+  for (int r = 0; r < count; ++r) out[r] = sum[r];
+}
+
+float block_dot_scalar(int64_t type, const uint8_t* row, const ActRow& x, int64_t k) {
+  float out;
+  block_dot_scalar_rows(type, row, &x, 1, k, &out);
+  return out;
 }
 
 // --- AVX512-VNNI path ----------------------------------------------------------------------------------------------
-// One 256-bit register per activation block of 32 (two blocks per 512-bit one for the K-quants, whose codes
-// for 64 consecutive values come from one load): vpdpbusd multiplies unsigned weight codes by signed activations,
-// four products into each int32 lane, exactly; each lane (a partial sum over 4 values) is converted to fp32 and
-// multiplied into a float accumulator by the block's factor, so there is no horizontal sum per block. Offsets are
-// taken off per lane (a second vpdpbusd with the constant offset), so every float term is a partial sum of the
-// true products w * x_hat (Q4_K/Q5_K: of their scaled codes and, apart, of their mins): the fp32 error stays
-// relative to sum (|a| + |b|) |x_hat| (the test's slack relies on it). Measured on one Zen 4 core, m = 1: Q4_K
-// streams 11-14 GB/s of its own bytes from memory, Q6_K 16-17, gemmakit's int8 kernel 8-10 (bench/block_kernels.py).
+// vpdpbusd multiplies unsigned weight codes by signed activations, four products into each int32 lane, exactly;
+// each lane (a partial sum over 4 values) is converted to fp32 and multiplied into a float accumulator by its
+// block's factor, so there is no horizontal sum per block. Signed codes (q - offset) go in as |q - offset| against
+// the activations negated where q - offset < 0, so every lane is the exact partial sum of the true products and
+// every float term a partial sum of w * x_hat (Q4_K/Q5_K: of their scaled codes and, apart, of their mins): the fp32
+// error stays relative to sum (|a| + |b|) |x_hat| (the test's slack relies on it).
+// Each kernel is a template on N, the number of activation rows (1..kMaxRows): a weight block's codes, its scales
+// and the lane permutations are computed once and used for the N rows, each row with its own accumulators and the
+// same float operations in the same order as N = 1 (block_dot is the N = 1 instance), so a row's result does not
+// depend on the rows it shares a call with. Measured on one Zen 4 core, m = 1: Q4_K streams 11-14 GB/s of its own
+// bytes from memory, Q6_K 16-17, gemmakit's int8 kernel 8-10 (bench/block_kernels.py; --rows for M rows).
 #if GK_BLOCKS_VNNI
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
@@ -280,11 +308,11 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-// lanes of sum((q - offset) * x) for unsigned codes q
-inline __m256i offset_dot(__m256i codes, __m256i xq, __m256i offset) {
-  const __m256i zero = _mm256_setzero_si256();
-  return _mm256_sub_epi32(_mm256_dpbusd_epi32(zero, codes, xq), _mm256_dpbusd_epi32(zero, offset, xq));
-}
+// The zmm whose low 256 bits are `lo` and high 256 bits `hi`.
+inline __m512i join(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
+
+// Permutation indices: lanes 0-7 take element a, lanes 8-15 element b.
+inline __m512i pair_index(int a, int b) { return join(_mm256_set1_epi32(a), _mm256_set1_epi32(b)); }
 
 // Q4_0 and Q5_0: 16 bytes of nibbles -> 32 codes (value j < 16 low nibbles, j >= 16 high)
 inline __m256i nibbles32(const uint8_t* qs) {
@@ -292,25 +320,34 @@ inline __m256i nibbles32(const uint8_t* qs) {
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f));
 }
 
-// Lanes of sum(w x_q / d_w) (4 values each) for one 32-value block of a legacy type: exact integers.
+// One 32-value block of a legacy type as signed codes w / d_w (Q8_0: the stored int8; Q4_0: q - 8; Q5_0: q - 16).
 template <int64_t kType>
-inline __m256i legacy_lanes(const uint8_t* blk, __m256i xq) {
+inline __m256i legacy_codes(const uint8_t* blk) {
   if constexpr (kType == kQ8_0) {
-    // |w| (unsigned; -128 -> 128) times x with w's sign: the products w * x exactly
-    const __m256i w = load256(blk + 2);
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xq, w));
+    return load256(blk + 2);
   } else if constexpr (kType == kQ4_0) {
-    return offset_dot(nibbles32(blk + 2), xq, _mm256_set1_epi8(8));
+    return _mm256_sub_epi8(nibbles32(blk + 2), _mm256_set1_epi8(8));
   } else {  // Q5_0: qh's bit j is value j's 5th bit, added where set
     uint32_t qh;
     std::memcpy(&qh, blk + 2, 4);
-    __m256i codes = nibbles32(blk + 6);
-    codes = _mm256_mask_add_epi8(codes, static_cast<__mmask32>(qh), codes, _mm256_set1_epi8(0x10));
-    return offset_dot(codes, xq, _mm256_set1_epi8(16));
+    const __m256i codes = nibbles32(blk + 6);
+    return _mm256_sub_epi8(_mm256_mask_add_epi8(codes, static_cast<__mmask32>(qh), codes, _mm256_set1_epi8(0x10)),
+                           _mm256_set1_epi8(16));
   }
 }
 
-inline __m256 broadcast_lane(__m256 v, int j) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j)); }
+// Signed codes prepared once for any number of activation rows: |w| (unsigned; Q8_0's -128 -> 128) and where w < 0.
+struct SignedCodes {
+  __m512i magnitude;
+  __mmask64 negative;
+  explicit SignedCodes(__m512i w) : magnitude(_mm512_abs_epi8(w)), negative(_mm512_movepi8_mask(w)) {}
+  // lanes of sum(w * x) over 4 values each, exactly (x is never -128: activations are clamped to +-127)
+  __m512i lanes(const int8_t* xq) const {
+    const __m512i x = _mm512_loadu_si512(xq);
+    const __m512i signed_x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude, signed_x);
+  }
+};
 
 // The fp16 scales of 8 blocks `bytes` apart, as 8 floats (gathered in general registers, one conversion).
 inline __m256 eight_halves(const uint8_t* blk, int64_t bytes) {
@@ -323,137 +360,196 @@ inline __m256 eight_halves(const uint8_t* blk, int64_t bytes) {
   return _mm256_cvtph_ps(_mm_set_epi64x(static_cast<int64_t>(packed[1]), static_cast<int64_t>(packed[0])));
 }
 
-// Q8_0, Q4_0, Q5_0: eight blocks at a time, their factors d_w * d_x in one vector.
-template <int64_t kType>
-float dot_legacy(const uint8_t* row, const ActRow& x, int64_t k) {
+// Q8_0, Q4_0, Q5_0: eight blocks at a time, their factors d_w * d_x in one vector per row; two consecutive blocks
+// (64 bytes of activations) per 512-bit vector, the even block in its low half: acc's low half is the even blocks'
+// accumulator, its high half the odd blocks'.
+template <int64_t kType, int N>
+void dot_legacy(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
   constexpr int64_t bytes = kType == kQ8_0 ? 34 : kType == kQ4_0 ? 18 : 22;
   const int64_t nb = k / 32;
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m512 acc[N];
+  for (int r = 0; r < N; ++r) acc[r] = _mm512_setzero_ps();
   int64_t b = 0;
   for (; b + 8 <= nb; b += 8) {
     const uint8_t* blk = row + bytes * b;
     prefetch_bytes(blk, 8 * bytes);
-    const __m256 f = _mm256_mul_ps(eight_halves(blk, bytes), _mm256_loadu_ps(x.d + b));
-    for (int j = 0; j < 8; ++j) {
-      const __m256i p = legacy_lanes<kType>(blk + bytes * j, load256(x.q + 32 * (b + j)));
-      acc[j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), broadcast_lane(f, j), acc[j & 1]);
+    const __m256 halves = eight_halves(blk, bytes);
+    __m512 f[N];
+    for (int r = 0; r < N; ++r) f[r] = _mm512_castps256_ps512(_mm256_mul_ps(halves, _mm256_loadu_ps(xs[r].d + b)));
+    for (int j = 0; j < 8; j += 2) {
+      const SignedCodes w(join(legacy_codes<kType>(blk + bytes * j), legacy_codes<kType>(blk + bytes * (j + 1))));
+      const __m512i index = pair_index(j, j + 1);
+      for (int r = 0; r < N; ++r) {
+        const __m512i p = w.lanes(xs[r].q + 32 * (b + j));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(index, f[r]), acc[r]);
+      }
     }
+  }
+  __m256 tail[N][2];  // the blocks past the last eight, by parity as above
+  for (int r = 0; r < N; ++r) {
+    tail[r][0] = _mm512_castps512_ps256(acc[r]);
+    tail[r][1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1));
   }
   for (; b < nb; ++b) {
     const uint8_t* blk = row + bytes * b;
-    const __m256i p = legacy_lanes<kType>(blk, load256(x.q + 32 * b));
-    acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_to_float(blk) * x.d[b]), acc[b & 1]);
+    const __m256i w = legacy_codes<kType>(blk);
+    const __m256i magnitude = _mm256_abs_epi8(w);
+    const float d = half_to_float(blk);
+    for (int r = 0; r < N; ++r) {
+      const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), magnitude,
+                                            _mm256_sign_epi8(load256(xs[r].q + 32 * b), w));
+      tail[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xs[r].d[b]), tail[r][b & 1]);
+    }
   }
-  return hsum(_mm256_add_ps(acc[0], acc[1]));
+  for (int r = 0; r < N; ++r) out[r] = hsum(_mm256_add_ps(tail[r][0], tail[r][1]));
 }
 
-
-// Q4_K and Q5_K: per super-block, the 8 sub-blocks' factors d * sc_j * d_x,j in one vector, and the mins' term
-// dmin * m_j * d_x,j * sum(q_x) for all 8 sub-blocks in one multiply-add. A 32-byte chunk of codes holds two
+// Q4_K and Q5_K: per super-block, the 8 sub-blocks' factors d * sc_j * d_x,j in one vector per row, and the mins'
+// term dmin * m_j * d_x,j * sum(q_x) for all 8 sub-blocks in one multiply-add. A 32-byte chunk of codes holds two
 // sub-blocks (low and high nibbles) whose activations are 64 consecutive bytes: one 512-bit vpdpbusd each, the
 // two factors spread over its halves by one permute (1.05-1.12x faster than two 256-bit halves, measured in one
 // process on a Zen 4 core).
-template <bool kFive>
-float dot_q4_k_q5_k(const uint8_t* row, const ActRow& x, int64_t k) {
+template <bool kFive, int N>
+void dot_q4_k_q5_k(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
   constexpr int64_t bytes = kFive ? 176 : 144;
   const int64_t ns = k / kSuper;
   const __m256i low4 = _mm256_set1_epi8(0x0f);
   const __m512i bit4 = _mm512_set1_epi8(0x10);
-  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-  __m256 mins = _mm256_setzero_ps();
+  __m512 acc[N][2];
+  __m256 mins[N];
+  for (int r = 0; r < N; ++r) {
+    acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    mins[r] = _mm256_setzero_ps();
+  }
   for (int64_t s = 0; s < ns; ++s) {
     const uint8_t* blk = row + bytes * s;
     prefetch_bytes(blk, bytes);
-    const int8_t* xq = x.q + kSuper * s;
     uint32_t u[4];
     k4_scales(blk + 4, reinterpret_cast<uint8_t*>(u));
     const __m128i smv = _mm_set_epi32(static_cast<int>(u[3]), static_cast<int>(u[2]), static_cast<int>(u[1]),
                                       static_cast<int>(u[0]));
-    const __m256 dxv = _mm256_loadu_ps(x.d + 8 * s);
     const __m256 scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv));
     const __m256 mf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8)));
-    const __m512 f = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(half_to_float(blk)), scf), dxv));
-    const __m256 fm = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(half_to_float(blk + 2)), mf), dxv);
-    mins = _mm256_fmadd_ps(fm, _mm256_cvtepi32_ps(load256(x.sums + 8 * s)), mins);
+    const __m256 dsc = _mm256_mul_ps(_mm256_set1_ps(half_to_float(blk)), scf);
+    const __m256 dm = _mm256_mul_ps(_mm256_set1_ps(half_to_float(blk + 2)), mf);
+    __m512 f[N];
+    for (int r = 0; r < N; ++r) {
+      const __m256 dxv = _mm256_loadu_ps(xs[r].d + 8 * s);
+      f[r] = _mm512_castps256_ps512(_mm256_mul_ps(dsc, dxv));
+      mins[r] = _mm256_fmadd_ps(_mm256_mul_ps(dm, dxv), _mm256_cvtepi32_ps(load256(xs[r].sums + 8 * s)), mins[r]);
+    }
     const uint8_t* qs = blk + (kFive ? 48 : 16);
     __m512i qh;
     if (kFive) qh = _mm512_broadcast_i64x4(load256(blk + 16));
     for (int c = 0; c < 4; ++c) {
       const __m256i q = load256(qs + 32 * c);
-      __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, low4)),
-                                         _mm256_and_si256(_mm256_srli_epi16(q, 4), low4), 1);
+      __m512i codes = join(_mm256_and_si256(q, low4), _mm256_and_si256(_mm256_srli_epi16(q, 4), low4));
       if (kFive) {  // sub-block 2c's 5th bits are bit 2c of qh, 2c + 1's bit 2c + 1
-        const __m512i bits = _mm512_inserti64x4(_mm512_set1_epi8(static_cast<char>(1 << (2 * c))),
-                                                _mm256_set1_epi8(static_cast<char>(1 << (2 * c + 1))), 1);
+        const __m512i bits = join(_mm256_set1_epi8(static_cast<char>(1 << (2 * c))),
+                                  _mm256_set1_epi8(static_cast<char>(1 << (2 * c + 1))));
         codes = _mm512_mask_add_epi8(codes, _mm512_test_epi8_mask(qh, bits), codes, bit4);
       }
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xq + 64 * c));
-      const __m512 fc = _mm512_permutexvar_ps(
-          _mm512_inserti64x4(_mm512_set1_epi32(2 * c), _mm256_set1_epi32(2 * c + 1), 1), f);
-      acc[c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), fc, acc[c & 1]);
+      const __m512i index = pair_index(2 * c, 2 * c + 1);
+      for (int r = 0; r < N; ++r) {
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes,
+                                              _mm512_loadu_si512(xs[r].q + kSuper * s + 64 * c));
+        acc[r][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(index, f[r]), acc[r][c & 1]);
+      }
     }
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) - hsum(mins);
+  for (int r = 0; r < N; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) - hsum(mins[r]);
 }
 
-// Q6_K: lanes of sum((q - 32) x) times each lane's int8 scale (lanes 0-3 of a block are its first 16 values, 4-7
-// its last 16) stay exact in int32 (at most 4 * 32 * 127 * 128), then one fp32 factor d * d_x per block. Two
-// activation blocks (64 consecutive values, their codes from one 64-byte load of ql) per 512-bit vector.
-float dot_q6_k(const uint8_t* row, const ActRow& x, int64_t k) {
+// Q6_K: per lane, sum((q - 32) x) times the lane's int8 scale (lanes 0-3 of a block are its first 16 values, 4-7
+// its last 16) is exact in fp32 (|lane| <= 4 * 32 * 127, |scale| <= 128: the product is below 2^24), then one fp32
+// factor d * d_x per block. Two activation blocks (64 consecutive values, their codes from one 64-byte load of ql)
+// per 512-bit vector.
+template <int N>
+void dot_q6_k(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
   const int64_t ns = k / kSuper;
   const __m512i low4 = _mm512_set1_epi8(0x0f), bits45 = _mm512_set1_epi8(0x30), offset = _mm512_set1_epi8(32);
   // per 16-bit element: the first 256 bits shift by the first count, the rest by the second
   const __m512i shift_42 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
   const __m512i shift_02 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
-  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 acc[N][2];
+  for (int r = 0; r < N; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t s = 0; s < ns; ++s) {
     const uint8_t* blk = row + 210 * s;
     prefetch_bytes(blk, 210);
-    const int8_t* xq = x.q + kSuper * s;
-    const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
-    const __m512 f = _mm512_castps256_ps512(
-        _mm256_mul_ps(_mm256_set1_ps(half_to_float(blk + 208)), _mm256_loadu_ps(x.d + 8 * s)));
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192))));
+    const __m256 d = _mm256_set1_ps(half_to_float(blk + 208));
+    __m512 f[N];
+    for (int r = 0; r < N; ++r) f[r] = _mm512_castps256_ps512(_mm256_mul_ps(d, _mm256_loadu_ps(xs[r].d + 8 * s)));
     for (int h = 0; h < 2; ++h) {
       const __m512i l = _mm512_loadu_si512(blk + 64 * h);
       const __m512i qh = _mm512_broadcast_i64x4(load256(blk + 128 + 32 * h));
-      const __m512i codes[2] = {  // quarters 0 and 1 (low nibbles), 2 and 3 (high nibbles) of this half
-          _mm512_or_si512(_mm512_and_si512(l, low4), _mm512_and_si512(_mm512_sllv_epi16(qh, shift_42), bits45)),
-          _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4),
-                          _mm512_and_si512(_mm512_srlv_epi16(qh, shift_02), bits45)),
+      const SignedCodes codes[2] = {  // quarters 0 and 1 (low nibbles), 2 and 3 (high nibbles) of this half
+          SignedCodes(_mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(l, low4),
+                                                      _mm512_and_si512(_mm512_sllv_epi16(qh, shift_42), bits45)),
+                                      offset)),
+          SignedCodes(_mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4),
+                                                      _mm512_and_si512(_mm512_srlv_epi16(qh, shift_02), bits45)),
+                                      offset)),
       };
       for (int pair = 0; pair < 2; ++pair) {
         const int b = 4 * h + 2 * pair;  // its activation blocks are b and b + 1, their scales 2b .. 2b + 3
-        const __m512i xv = _mm512_loadu_si512(xq + 32 * b);
-        const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[pair], xv),
-                                             _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, xv));
-        const __m512i lane_scale = _mm512_permutexvar_epi32(
+        const __m512 lane_scale = _mm512_permutexvar_ps(
             _mm512_set_epi32(2 * b + 3, 2 * b + 3, 2 * b + 3, 2 * b + 3, 2 * b + 2, 2 * b + 2, 2 * b + 2, 2 * b + 2,
                              2 * b + 1, 2 * b + 1, 2 * b + 1, 2 * b + 1, 2 * b, 2 * b, 2 * b, 2 * b), sc);
-        const __m512 fb = _mm512_permutexvar_ps(_mm512_inserti64x4(_mm512_set1_epi32(b), _mm256_set1_epi32(b + 1), 1), f);
-        acc[pair] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(dot, lane_scale)), fb, acc[pair]);
+        const __m512i index = pair_index(b, b + 1);
+        for (int r = 0; r < N; ++r) {
+          const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(codes[pair].lanes(xs[r].q + kSuper * s + 32 * b)),
+                                           lane_scale);
+          acc[r][pair] = _mm512_fmadd_ps(dot, _mm512_permutexvar_ps(index, f[r]), acc[r][pair]);
+        }
       }
     }
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+  for (int r = 0; r < N; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+template <int N>
+void dot_rows(int64_t ggml_type, const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
+  switch (ggml_type) {
+    case kQ8_0: return dot_legacy<kQ8_0, N>(row, xs, k, out);
+    case kQ4_0: return dot_legacy<kQ4_0, N>(row, xs, k, out);
+    case kQ5_0: return dot_legacy<kQ5_0, N>(row, xs, k, out);
+    case kQ4_K: return dot_q4_k_q5_k<false, N>(row, xs, k, out);
+    case kQ5_K: return dot_q4_k_q5_k<true, N>(row, xs, k, out);
+    case kQ6_K: return dot_q6_k<N>(row, xs, k, out);
+    default:
+      for (int r = 0; r < N; ++r) out[r] = 0.0f;
+  }
 }
 #endif  // GK_BLOCKS_VNNI
 
-// sum_i w[i] * x[i] for one weight row stored as ggml blocks and one quantised activation row (0 if unsupported).
-float block_dot(int64_t ggml_type, const uint8_t* row, const ActRow& x, int64_t k) {
+// out[r] = sum_i w[i] * xs[r][i] for r < count: one weight row stored as ggml blocks against `count` quantised
+// activation rows (any count; kMaxRows at a time), 0 for an unsupported type. Each out[r] is bitwise
+// block_dot(type, row, xs[r], k): the batch a row is computed in never changes its result.
+void block_dot_rows(int64_t ggml_type, const uint8_t* row, const ActRow* xs, int count, int64_t k, float* out) {
 #if GK_BLOCKS_VNNI
-  switch (ggml_type) {
-    case kQ8_0: return dot_legacy<kQ8_0>(row, x, k);
-    case kQ4_0: return dot_legacy<kQ4_0>(row, x, k);
-    case kQ5_0: return dot_legacy<kQ5_0>(row, x, k);
-    case kQ4_K: return dot_q4_k_q5_k<false>(row, x, k);
-    case kQ5_K: return dot_q4_k_q5_k<true>(row, x, k);
-    case kQ6_K: return dot_q6_k(row, x, k);
-    default: return 0.0f;
+  for (; count > 0; count -= kMaxRows, xs += kMaxRows, out += kMaxRows) {
+    switch (std::min(count, kMaxRows)) {
+      case 1: dot_rows<1>(ggml_type, row, xs, k, out); break;
+      case 2: dot_rows<2>(ggml_type, row, xs, k, out); break;
+      case 3: dot_rows<3>(ggml_type, row, xs, k, out); break;
+      default: dot_rows<4>(ggml_type, row, xs, k, out); break;
+    }
   }
 #else
-  if (!block_supported(ggml_type)) return 0.0f;
-  return block_dot_scalar(ggml_type, row, x, k);
+  if (!block_supported(ggml_type)) {
+    for (int r = 0; r < count; ++r) out[r] = 0.0f;
+    return;
+  }
+  block_dot_scalar_rows(ggml_type, row, xs, count, k, out);
 #endif
+}
+
+// sum_i w[i] * x[i] for one weight row stored as ggml blocks and one quantised activation row (0 if unsupported).
+float block_dot(int64_t ggml_type, const uint8_t* row, const ActRow& x, int64_t k) {
+  float out;
+  block_dot_rows(ggml_type, row, &x, 1, k, &out);
+  return out;
 }
 
 }  // namespace

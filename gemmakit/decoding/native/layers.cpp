@@ -58,7 +58,14 @@ void job_row(const Job& job, int64_t n, int64_t batch) {
     return;
   }
   const uint8_t* row = static_cast<const uint8_t*>(w.data) + n * block_row_bytes(w.type, job.cols);
-  for (int64_t m = 0; m < batch; ++m) job.y[m * job.rows + n] = block_dot(w.type, row, job.xq->row(m), job.cols);
+  for (int64_t m = 0; m < batch; m += kMaxRows) {  // each block unpacked once for up to 4 activation rows
+    const int count = static_cast<int>(std::min<int64_t>(kMaxRows, batch - m));
+    ActRow xs[kMaxRows];
+    for (int j = 0; j < count; ++j) xs[j] = job.xq->row(m + j);
+    float out[kMaxRows];
+    block_dot_rows(w.type, row, xs, count, job.cols, out);  // bitwise block_dot of each row alone
+    for (int j = 0; j < count; ++j) job.y[(m + j) * job.rows + n] = out[j];
+  }
 }
 
 // Share the rows of several matrices among the team's threads, one contiguous run each (called by every thread).
