@@ -52,13 +52,13 @@ int matvec(int64_t type, const uint8_t* w, int64_t rows, int64_t cols, const flo
           const int64_t i = i0 + j;
           acts[j] = {q.data() + i * cols, d.data() + i * nb, sums.data() + i * nb};
         }
+        if (!scalar) {
+          block_dot_run(type, w + r0 * row_bytes, row_bytes, r1 - r0, acts, count, cols, y + i0 * rows + r0, rows);
+          continue;
+        }
         for (int64_t r = r0; r < r1; ++r) {
-          const uint8_t* row = w + r * row_bytes;
           float out[kMaxRows];
-          if (scalar)
-            block_dot_scalar_rows(type, row, acts, count, cols, out);
-          else
-            block_dot_rows(type, row, acts, count, cols, out);
+          block_dot_scalar_rows(type, w + r * row_bytes, acts, count, cols, out);
           for (int j = 0; j < count; ++j) y[(i0 + j) * rows + r] = out[j];
         }
       }
@@ -73,7 +73,7 @@ extern "C" {
 
 // y [m, rows] = x [m, cols] W^T for W [rows, cols] stored as ggml blocks of `type`, rows of block_row_bytes each.
 // Each activation row is quantised once; runs of rows of W (about 128 KB each) are split among the threads, and
-// each run is dotted with all m activation rows (4 at a time, block_dot_rows) while it is in L2. Every y value is
+// each run is dotted with all m activation rows (4 at a time, block_dot_run) while it is in L2. Every y value is
 // bitwise block_dot of its own weight row and activation row, so it is the same whatever m or the thread count. Returns 0, or -1 for an
 // unsupported type or cols that are not whole blocks.
 int gk_block_matvec(int64_t type, const uint8_t* w, int64_t rows, int64_t cols, const float* x, int64_t m, float* y,

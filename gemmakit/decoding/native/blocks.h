@@ -290,9 +290,10 @@ float block_dot_scalar(int64_t type, const uint8_t* row, const ActRow& x, int64_
 // --- AVX512-VNNI path ----------------------------------------------------------------------------------------------
 // vpdpbusd multiplies unsigned weight codes by signed activations, four products into each int32 lane, exactly;
 // each lane (a partial sum over 4 values) is converted to fp32 and multiplied into a float accumulator by its
-// block's factor, so there is no horizontal sum per block. Signed codes (q - offset) go in as |q - offset| against
-// the activations negated where q - offset < 0, so every lane is the exact partial sum of the true products and
-// every float term a partial sum of w * x_hat (Q4_K/Q5_K: of their scaled codes and, apart, of their mins): the fp32
+// block's factor, so there is no horizontal sum per block. Signed codes go in either as |q - offset| against the
+// activations negated where q - offset < 0 (Q8_0; Q4_0/Q5_0 for several rows), or as q with the offset's products
+// taken off by a second vpdpbusd (Q6_K; Q4_0/Q5_0 for one row): either way every lane is the exact partial sum of
+// the true products and every float term a partial sum of w * x_hat (Q4_K/Q5_K: of their scaled codes and, apart, of their mins): the fp32
 // error stays relative to sum (|a| + |b|) |x_hat| (the test's slack relies on it).
 // Each kernel is a template on N, the number of activation rows (1..kMaxRows): a weight block's codes, its scales
 // and the lane permutations are computed once and used for the N rows, each row with its own accumulators and the
@@ -320,32 +321,46 @@ inline __m256i nibbles32(const uint8_t* qs) {
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f));
 }
 
-// One 32-value block of a legacy type as signed codes w / d_w (Q8_0: the stored int8; Q4_0: q - 8; Q5_0: q - 16).
-template <int64_t kType>
-inline __m256i legacy_codes(const uint8_t* blk) {
-  if constexpr (kType == kQ8_0) {
-    return load256(blk + 2);
-  } else if constexpr (kType == kQ4_0) {
-    return _mm256_sub_epi8(nibbles32(blk + 2), _mm256_set1_epi8(8));
-  } else {  // Q5_0: qh's bit j is value j's 5th bit, added where set
-    uint32_t qh;
-    std::memcpy(&qh, blk + 2, 4);
-    const __m256i codes = nibbles32(blk + 6);
-    return _mm256_sub_epi8(_mm256_mask_add_epi8(codes, static_cast<__mmask32>(qh), codes, _mm256_set1_epi8(0x10)),
-                           _mm256_set1_epi8(16));
-  }
+// lanes of sum((q - offset) * x) for unsigned codes q
+inline __m256i offset_dot(__m256i codes, __m256i xq, __m256i offset) {
+  const __m256i zero = _mm256_setzero_si256();
+  return _mm256_sub_epi32(_mm256_dpbusd_epi32(zero, codes, xq), _mm256_dpbusd_epi32(zero, offset, xq));
 }
 
-// Signed codes prepared once for any number of activation rows: |w| (unsigned; Q8_0's -128 -> 128) and where w < 0.
-struct SignedCodes {
-  __m512i magnitude;
-  __mmask64 negative;
-  explicit SignedCodes(__m512i w) : magnitude(_mm512_abs_epi8(w)), negative(_mm512_movepi8_mask(w)) {}
-  // lanes of sum(w * x) over 4 values each, exactly (x is never -128: activations are clamped to +-127)
-  __m512i lanes(const int8_t* xq) const {
-    const __m512i x = _mm512_loadu_si512(xq);
-    const __m512i signed_x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude, signed_x);
+inline __m256 broadcast_lane(__m256 v, int j) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j)); }
+
+// One 32-value block of a legacy type, unpacked once for any number of activation rows; lanes(x) = the lanes of
+// sum(w x / d_w) over 4 values each, exact integers (however they are computed: the rows' float work sees only them).
+template <int64_t kType, int N>
+struct LegacyBlock {
+  // one vpsignb a row (after two shared operations) instead of a second vpdpbusd a row: worth it from 2 rows on
+  static constexpr bool kSigned = kType == kQ8_0 || N > 1;
+  static constexpr char kOffset = kType == kQ4_0 ? 8 : 16;
+  __m256i codes;      // kSigned: |w| (unsigned; Q8_0's -128 -> 128); else the unsigned codes q (w = q - offset)
+  __m256i sign_from;  // kSigned: w itself, whose sign flips x
+
+  explicit LegacyBlock(const uint8_t* blk) {
+    if constexpr (kType == kQ8_0) {
+      sign_from = load256(blk + 2);
+    } else {
+      if constexpr (kType == kQ4_0) {
+        codes = nibbles32(blk + 2);
+      } else {  // Q5_0: qh's bit j is value j's 5th bit, added where set
+        uint32_t qh;
+        std::memcpy(&qh, blk + 2, 4);
+        codes = nibbles32(blk + 6);
+        codes = _mm256_mask_add_epi8(codes, static_cast<__mmask32>(qh), codes, _mm256_set1_epi8(0x10));
+      }
+      if constexpr (!kSigned) return;
+      sign_from = _mm256_sub_epi8(codes, _mm256_set1_epi8(kOffset));
+    }
+    codes = _mm256_abs_epi8(sign_from);
+  }
+  __m256i lanes(__m256i xq) const {
+    if constexpr (kSigned)  // |w| times x with w's sign: the products w * x exactly (x is never -128)
+      return _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, _mm256_sign_epi8(xq, sign_from));
+    else
+      return offset_dot(codes, xq, _mm256_set1_epi8(kOffset));
   }
 };
 
@@ -360,48 +375,40 @@ inline __m256 eight_halves(const uint8_t* blk, int64_t bytes) {
   return _mm256_cvtph_ps(_mm_set_epi64x(static_cast<int64_t>(packed[1]), static_cast<int64_t>(packed[0])));
 }
 
-// Q8_0, Q4_0, Q5_0: eight blocks at a time, their factors d_w * d_x in one vector per row; two consecutive blocks
-// (64 bytes of activations) per 512-bit vector, the even block in its low half: acc's low half is the even blocks'
-// accumulator, its high half the odd blocks'.
+// Q8_0, Q4_0, Q5_0: eight blocks at a time, their factors d_w * d_x in one vector per row. 256-bit vectors, one
+// block each: two blocks per 512-bit vector measured 15-25% slower at m = 1 on Zen 4 (the joins and 512-bit masks
+// cost more than they save where 512-bit operations issue as two 256-bit halves).
 template <int64_t kType, int N>
 void dot_legacy(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
   constexpr int64_t bytes = kType == kQ8_0 ? 34 : kType == kQ4_0 ? 18 : 22;
   const int64_t nb = k / 32;
-  __m512 acc[N];
-  for (int r = 0; r < N; ++r) acc[r] = _mm512_setzero_ps();
+  __m256 acc[N][2];
+  for (int r = 0; r < N; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 8 <= nb; b += 8) {
     const uint8_t* blk = row + bytes * b;
     prefetch_bytes(blk, 8 * bytes);
     const __m256 halves = eight_halves(blk, bytes);
-    __m512 f[N];
-    for (int r = 0; r < N; ++r) f[r] = _mm512_castps256_ps512(_mm256_mul_ps(halves, _mm256_loadu_ps(xs[r].d + b)));
-    for (int j = 0; j < 8; j += 2) {
-      const SignedCodes w(join(legacy_codes<kType>(blk + bytes * j), legacy_codes<kType>(blk + bytes * (j + 1))));
-      const __m512i index = pair_index(j, j + 1);
+    __m256 f[N];
+    for (int r = 0; r < N; ++r) f[r] = _mm256_mul_ps(halves, _mm256_loadu_ps(xs[r].d + b));
+    for (int j = 0; j < 8; ++j) {
+      const LegacyBlock<kType, N> w(blk + bytes * j);
       for (int r = 0; r < N; ++r) {
-        const __m512i p = w.lanes(xs[r].q + 32 * (b + j));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(index, f[r]), acc[r]);
+        const __m256i p = w.lanes(load256(xs[r].q + 32 * (b + j)));
+        acc[r][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), broadcast_lane(f[r], j), acc[r][j & 1]);
       }
     }
   }
-  __m256 tail[N][2];  // the blocks past the last eight, by parity as above
-  for (int r = 0; r < N; ++r) {
-    tail[r][0] = _mm512_castps512_ps256(acc[r]);
-    tail[r][1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1));
-  }
   for (; b < nb; ++b) {
     const uint8_t* blk = row + bytes * b;
-    const __m256i w = legacy_codes<kType>(blk);
-    const __m256i magnitude = _mm256_abs_epi8(w);
+    const LegacyBlock<kType, N> w(blk);
     const float d = half_to_float(blk);
     for (int r = 0; r < N; ++r) {
-      const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), magnitude,
-                                            _mm256_sign_epi8(load256(xs[r].q + 32 * b), w));
-      tail[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xs[r].d[b]), tail[r][b & 1]);
+      const __m256i p = w.lanes(load256(xs[r].q + 32 * b));
+      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xs[r].d[b]), acc[r][b & 1]);
     }
   }
-  for (int r = 0; r < N; ++r) out[r] = hsum(_mm256_add_ps(tail[r][0], tail[r][1]));
+  for (int r = 0; r < N; ++r) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
 
 // Q4_K and Q5_K: per super-block, the 8 sub-blocks' factors d * sc_j * d_x,j in one vector per row, and the mins'
@@ -483,13 +490,10 @@ void dot_q6_k(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
     for (int h = 0; h < 2; ++h) {
       const __m512i l = _mm512_loadu_si512(blk + 64 * h);
       const __m512i qh = _mm512_broadcast_i64x4(load256(blk + 128 + 32 * h));
-      const SignedCodes codes[2] = {  // quarters 0 and 1 (low nibbles), 2 and 3 (high nibbles) of this half
-          SignedCodes(_mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(l, low4),
-                                                      _mm512_and_si512(_mm512_sllv_epi16(qh, shift_42), bits45)),
-                                      offset)),
-          SignedCodes(_mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4),
-                                                      _mm512_and_si512(_mm512_srlv_epi16(qh, shift_02), bits45)),
-                                      offset)),
+      const __m512i codes[2] = {  // quarters 0 and 1 (low nibbles), 2 and 3 (high nibbles) of this half
+          _mm512_or_si512(_mm512_and_si512(l, low4), _mm512_and_si512(_mm512_sllv_epi16(qh, shift_42), bits45)),
+          _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4),
+                          _mm512_and_si512(_mm512_srlv_epi16(qh, shift_02), bits45)),
       };
       for (int pair = 0; pair < 2; ++pair) {
         const int b = 4 * h + 2 * pair;  // its activation blocks are b and b + 1, their scales 2b .. 2b + 3
@@ -498,8 +502,10 @@ void dot_q6_k(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
                              2 * b + 1, 2 * b + 1, 2 * b + 1, 2 * b + 1, 2 * b, 2 * b, 2 * b, 2 * b), sc);
         const __m512i index = pair_index(b, b + 1);
         for (int r = 0; r < N; ++r) {
-          const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(codes[pair].lanes(xs[r].q + kSuper * s + 32 * b)),
-                                           lane_scale);
+          const __m512i xv = _mm512_loadu_si512(xs[r].q + kSuper * s + 32 * b);
+          const __m512i lanes = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[pair], xv),
+                                                 _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, xv));
+          const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(lanes), lane_scale);
           acc[r][pair] = _mm512_fmadd_ps(dot, _mm512_permutexvar_ps(index, f[r]), acc[r][pair]);
         }
       }
@@ -508,41 +514,71 @@ void dot_q6_k(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
   for (int r = 0; r < N; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
-template <int N>
-void dot_rows(int64_t ggml_type, const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
+// Calls kernel(row, xs, k, out) for the N-row kernel of `ggml_type` (kernel is a generic lambda: each type's kernel
+// is inlined into it, so a loop over weight rows in it keeps its constants and dispatch out of the loop).
+template <int N, typename Body>
+inline void with_kernel(int64_t ggml_type, Body body) {
   switch (ggml_type) {
-    case kQ8_0: return dot_legacy<kQ8_0, N>(row, xs, k, out);
-    case kQ4_0: return dot_legacy<kQ4_0, N>(row, xs, k, out);
-    case kQ5_0: return dot_legacy<kQ5_0, N>(row, xs, k, out);
-    case kQ4_K: return dot_q4_k_q5_k<false, N>(row, xs, k, out);
-    case kQ5_K: return dot_q4_k_q5_k<true, N>(row, xs, k, out);
-    case kQ6_K: return dot_q6_k<N>(row, xs, k, out);
-    default:
+    case kQ8_0: return body([](auto... a) { dot_legacy<kQ8_0, N>(a...); });
+    case kQ4_0: return body([](auto... a) { dot_legacy<kQ4_0, N>(a...); });
+    case kQ5_0: return body([](auto... a) { dot_legacy<kQ5_0, N>(a...); });
+    case kQ4_K: return body([](auto... a) { dot_q4_k_q5_k<false, N>(a...); });
+    case kQ5_K: return body([](auto... a) { dot_q4_k_q5_k<true, N>(a...); });
+    case kQ6_K: return body([](auto... a) { dot_q6_k<N>(a...); });
+    default: return body([](const uint8_t*, const ActRow*, int64_t, float* out) {
       for (int r = 0; r < N; ++r) out[r] = 0.0f;
+    });
   }
+}
+
+// y[r * y_stride + n] = weight row n (of nrows, row_bytes apart from w) against xs[r], r < N.
+template <int N>
+void dot_run(int64_t ggml_type, const uint8_t* w, int64_t row_bytes, int64_t nrows, const ActRow* xs, int64_t k,
+             float* y, int64_t y_stride) {
+  with_kernel<N>(ggml_type, [&](auto kernel) {
+    for (int64_t n = 0; n < nrows; ++n) {
+      float out[N];
+      kernel(w + n * row_bytes, xs, k, out);
+      for (int r = 0; r < N; ++r) y[r * y_stride + n] = out[r];
+    }
+  });
 }
 #endif  // GK_BLOCKS_VNNI
 
-// out[r] = sum_i w[i] * xs[r][i] for r < count: one weight row stored as ggml blocks against `count` quantised
-// activation rows (any count; kMaxRows at a time), 0 for an unsupported type. Each out[r] is bitwise
-// block_dot(type, row, xs[r], k): the batch a row is computed in never changes its result.
-void block_dot_rows(int64_t ggml_type, const uint8_t* row, const ActRow* xs, int count, int64_t k, float* out) {
+// y[r * y_stride + n] = sum_i w_n[i] * xs[r][i] for the nrows weight rows w_n (stored as ggml blocks, row_bytes
+// apart from w) and the `count` quantised activation rows xs[r] (any count; kMaxRows at a time, each weight block
+// unpacked once for them); 0 for an unsupported type. Each value is bitwise block_dot(type, w_n, xs[r], k): the
+// batch a row is computed in never changes its result. (The run of weight rows is a loop inside the kernels'
+// dispatch: a call per weight row costs 5-15% at a decode step's row widths, measured.)
+void block_dot_run(int64_t ggml_type, const uint8_t* w, int64_t row_bytes, int64_t nrows, const ActRow* xs, int count,
+                   int64_t k, float* y, int64_t y_stride) {
 #if GK_BLOCKS_VNNI
-  for (; count > 0; count -= kMaxRows, xs += kMaxRows, out += kMaxRows) {
+  for (; count > 0; count -= kMaxRows, xs += kMaxRows, y += kMaxRows * y_stride) {
     switch (std::min(count, kMaxRows)) {
-      case 1: dot_rows<1>(ggml_type, row, xs, k, out); break;
-      case 2: dot_rows<2>(ggml_type, row, xs, k, out); break;
-      case 3: dot_rows<3>(ggml_type, row, xs, k, out); break;
-      default: dot_rows<4>(ggml_type, row, xs, k, out); break;
+      case 1: dot_run<1>(ggml_type, w, row_bytes, nrows, xs, k, y, y_stride); break;
+      case 2: dot_run<2>(ggml_type, w, row_bytes, nrows, xs, k, y, y_stride); break;
+      case 3: dot_run<3>(ggml_type, w, row_bytes, nrows, xs, k, y, y_stride); break;
+      default: dot_run<4>(ggml_type, w, row_bytes, nrows, xs, k, y, y_stride); break;
     }
   }
 #else
-  if (!block_supported(ggml_type)) {
-    for (int r = 0; r < count; ++r) out[r] = 0.0f;
-    return;
+  for (int64_t n = 0; n < nrows; ++n) {
+    float out[kMaxRows];
+    for (int done = 0; done < count; done += kMaxRows) {
+      const int c = std::min(count - done, kMaxRows);
+      if (block_supported(ggml_type))
+        block_dot_scalar_rows(ggml_type, w + n * row_bytes, xs + done, c, k, out);
+      else
+        for (int r = 0; r < c; ++r) out[r] = 0.0f;
+      for (int r = 0; r < c; ++r) y[(done + r) * y_stride + n] = out[r];
+    }
   }
-  block_dot_scalar_rows(ggml_type, row, xs, count, k, out);
 #endif
+}
+
+// out[r] = one weight row against xs[r], r < count: block_dot_run for one row.
+inline void block_dot_rows(int64_t ggml_type, const uint8_t* row, const ActRow* xs, int count, int64_t k, float* out) {
+  block_dot_run(ggml_type, row, 0, 1, xs, count, k, out, 1);
 }
 
 // sum_i w[i] * x[i] for one weight row stored as ggml blocks and one quantised activation row (0 if unsupported).
