@@ -108,3 +108,47 @@ def test_an_unsupported_matrix_keeps_the_model_off_the_native_step(tmp_path):
     assert not native.supports(model)
     assert choose_decoder(model).name == "eager"
 
+
+
+def test_block_dequantize_is_gguf_py_dequantize(real_gguf_path):
+    """The prompt path's decoded weights: exactly gguf-py's values in fp32 for every type the real 270M holds, and
+    those values rounded to nearest-even bf16."""
+    from gguf import GGMLQuantizationType, quants
+
+    from gemmakit.weights.gguf_reader import GGUFFile
+
+    with GGUFFile(real_gguf_path) as f:
+        seen = set()
+        for name, info in f.tensors.items():
+            if info.type_name in seen or info.ggml_type not in BLOCK_TYPES.values():
+                continue
+            seen.add(info.type_name)
+            raw = np.ascontiguousarray(np.asarray(f.raw(name)).reshape(info.shape[0], -1)[:300])
+            expected = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType(info.ggml_type)))
+            blocks = torch.from_numpy(raw)
+            got = kernels.block_dequantize(info.ggml_type, blocks, torch.float32)
+            assert torch.equal(got, expected), name
+            assert torch.equal(kernels.block_dequantize(info.ggml_type, blocks), expected.to(torch.bfloat16)), name
+    assert seen == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
+
+
+def test_a_prompt_through_a_block_linear_is_the_bf16_product():
+    """From PROMPT_ROWS rows a BlockLinear multiplies bf16 activations by its bf16-decoded weight; below, the block
+    kernels' int8 activations. Both stay within their own rounding of the exact product."""
+    from gguf import GGMLQuantizationType, quants
+
+    from gemmakit.blocks import PROMPT_ROWS
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 256, generator=gen) * 0.1
+    raw = quants.quantize(w.numpy(), GGMLQuantizationType.Q8_0)
+    lin = BlockLinear(torch.from_numpy(np.ascontiguousarray(raw)), BLOCK_TYPES["Q8_0"])
+    exact_w = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q8_0)).double()
+    for rows in (PROMPT_ROWS - 1, PROMPT_ROWS + 5):
+        x = torch.randn(rows, 256, generator=gen)
+        exact = x.double() @ exact_w.t()
+        with torch.inference_mode():
+            got = lin(x.to(torch.bfloat16)).double()
+        scale = exact.abs().max().item()
+        assert (got - exact).abs().max().item() <= 0.02 * scale, rows
+        assert lin(x).dtype == torch.float32  # the output keeps the activations' dtype

@@ -100,6 +100,8 @@ def bind_functions(lib: ctypes.CDLL) -> None:
     for name in ("gk_block_matvec", "gk_block_matvec_scalar"):  # blocks.cpp
         getattr(lib, name).argtypes = [_i64, _ptr, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_int
+    lib.gk_block_dequantize.argtypes = [_i64, _ptr, _i64, _i64, _ptr, _ptr, ctypes.c_int]  # dequant.cpp
+    lib.gk_block_dequantize.restype = ctypes.c_int
     lib.gk_quantize_act.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr]
     lib.gk_quantize_act.restype = None
     lib.gk_has_block_kernels.argtypes = []

@@ -60,18 +60,8 @@ def block_matvec(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, *, scala
     each output is a function of its own weight row and activation row only (the same in any batch, with any thread
     count). `scalar=True` runs the portable reference kernel instead of the vector one (for tests).
     """
+    lib, rows, cols = _checked_blocks("block_matvec", ggml_type, blocks)
     ggml_type = int(ggml_type)
-    if ggml_type not in BLOCK_KERNEL_TYPES:
-        raise InputError(f"block_matvec: ggml type {type_name(ggml_type)} has no native block kernel (supported: "
-                         f"{', '.join(type_name(t) for t in sorted(BLOCK_KERNEL_TYPES))})")
-    lib = library()
-    if lib is None:
-        raise InputError("block_matvec: the native library is unavailable")
-    block, size = BLOCK_SIZES[ggml_type]
-    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] % size:
-        raise InputError(f"block_matvec: expected uint8 rows of whole {type_name(ggml_type)} blocks ({size} bytes "
-                         f"each), got {blocks.dtype} {list(blocks.shape)}")
-    rows, cols = blocks.shape[0], blocks.shape[1] // size * block
     if x.shape[-1] != cols:
         raise InputError(f"block_matvec: activations of width {x.shape[-1]} do not match the weight's {cols} "
                          f"inputs ({type_name(ggml_type)} [{rows}, {cols}])")
@@ -83,3 +73,33 @@ def block_matvec(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, *, scala
           torch.get_num_threads()) != 0:
         raise InputError(f"block_matvec: the native kernel refused {type_name(ggml_type)} [{rows}, {cols}]")
     return y
+
+
+def block_dequantize(ggml_type: int, blocks: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The block matrix decoded to [rows, cols] fp32 or bf16 (rounded to nearest even) by the native library, as
+    gguf-py's `dequantize` defines the values: what a prompt's GEMM multiplies with (BlockLinear)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise InputError(f"block_dequantize: dtype must be float32 or bfloat16, got {dtype}")
+    lib, rows, cols = _checked_blocks("block_dequantize", ggml_type, blocks)
+    out = torch.empty(rows, cols, dtype=dtype)
+    f32, bf16 = (out.data_ptr(), None) if dtype == torch.float32 else (None, out.data_ptr())
+    if lib.gk_block_dequantize(int(ggml_type), blocks.contiguous().data_ptr(), rows, cols, f32, bf16,
+                               torch.get_num_threads()) != 0:
+        raise InputError(f"block_dequantize: the native library refused {type_name(int(ggml_type))} [{rows}, {cols}]")
+    return out
+
+
+def _checked_blocks(what: str, ggml_type: int, blocks: torch.Tensor):
+    """(library, rows, cols) of a block matrix, or an InputError saying what is wrong with it."""
+    ggml_type = int(ggml_type)
+    if ggml_type not in BLOCK_KERNEL_TYPES:
+        raise InputError(f"{what}: ggml type {type_name(ggml_type)} has no native block kernel (supported: "
+                         f"{', '.join(type_name(t) for t in sorted(BLOCK_KERNEL_TYPES))})")
+    lib = library()
+    if lib is None:
+        raise InputError(f"{what}: the native library is unavailable")
+    block, size = BLOCK_SIZES[ggml_type]
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] % size:
+        raise InputError(f"{what}: expected uint8 rows of whole {type_name(ggml_type)} blocks ({size} bytes "
+                         f"each), got {blocks.dtype} {list(blocks.shape)}")
+    return lib, blocks.shape[0], blocks.shape[1] // size * block
