@@ -375,9 +375,11 @@ inline __m256 eight_halves(const uint8_t* blk, int64_t bytes) {
   return _mm256_cvtph_ps(_mm_set_epi64x(static_cast<int64_t>(packed[1]), static_cast<int64_t>(packed[0])));
 }
 
-// Q8_0, Q4_0, Q5_0: eight blocks at a time, their factors d_w * d_x in one vector per row. 256-bit vectors, one
-// block each: two blocks per 512-bit vector measured 15-25% slower at m = 1 on Zen 4 (the joins and 512-bit masks
-// cost more than they save where 512-bit operations issue as two 256-bit halves).
+// Q8_0, Q4_0, Q5_0: eight blocks at a time, their factors d_w * d_x in one vector per row. One row: 256-bit
+// vectors, one block each (two blocks per 512-bit vector measured slower there on Zen 4: the joins and 512-bit masks
+// cost more than they save where 512-bit operations issue as two 256-bit halves). Several rows: two blocks per
+// 512-bit vector, the even block in the low half, so the low half of its accumulator is the even blocks'
+// accumulator of the one-row loop and the high half the odd blocks': lane for lane the same operations.
 template <int64_t kType, int N>
 void dot_legacy(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
   constexpr int64_t bytes = kType == kQ8_0 ? 34 : kType == kQ4_0 ? 18 : 22;
@@ -385,7 +387,34 @@ void dot_legacy(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
   __m256 acc[N][2];
   for (int r = 0; r < N; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   int64_t b = 0;
-  for (; b + 8 <= nb; b += 8) {
+  if constexpr (N > 1) {  // the same lanes and float operations as below, two blocks per 512-bit vector
+    __m512 acc2[N];
+    for (int r = 0; r < N; ++r) acc2[r] = _mm512_setzero_ps();  // low half: the even blocks' acc, high: the odd's
+    for (; b + 8 <= nb; b += 8) {
+      const uint8_t* blk = row + bytes * b;
+      prefetch_bytes(blk, 8 * bytes);
+      const __m256 halves = eight_halves(blk, bytes);
+      __m512 f[N];
+      for (int r = 0; r < N; ++r) f[r] = _mm512_castps256_ps512(_mm256_mul_ps(halves, _mm256_loadu_ps(xs[r].d + b)));
+      for (int j = 0; j < 8; j += 2) {
+        const LegacyBlock<kType, N> even(blk + bytes * j), odd(blk + bytes * (j + 1));
+        const __m512i magnitude = join(even.codes, odd.codes);
+        const __mmask64 negative = _mm512_movepi8_mask(join(even.sign_from, odd.sign_from));
+        const __m512i index = pair_index(j, j + 1);
+        for (int r = 0; r < N; ++r) {
+          const __m512i x = _mm512_loadu_si512(xs[r].q + 32 * (b + j));
+          const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude,
+                                                _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x));
+          acc2[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(index, f[r]), acc2[r]);
+        }
+      }
+    }
+    for (int r = 0; r < N; ++r) {
+      acc[r][0] = _mm512_castps512_ps256(acc2[r]);
+      acc[r][1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc2[r]), 1));
+    }
+  }
+  for (; b + 8 <= nb; b += 8) {  // (N > 1: b is past them all already)
     const uint8_t* blk = row + bytes * b;
     prefetch_bytes(blk, 8 * bytes);
     const __m256 halves = eight_halves(blk, bytes);
