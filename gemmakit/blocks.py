@@ -20,9 +20,9 @@ from torch import nn
 from gemmakit.weights.gguf_quants import BLOCK_SIZES, dequantize, type_name
 from gemmakit.weights.raw import RawTensor
 
-# From this many rows (a prompt chunk) a product decodes the weight to bf16 once and runs torch's GEMM: on a
-# [9216, 2304] Q4_K matrix, 512 rows took 30 ms to decode + 126 ms of bf16 GEMM (86 GMAC/s), where the block
-# kernels ran 29 GMAC/s; at 64 rows the two were even (46 ms each), hence the margin.
+# From this many rows (a prompt chunk) a product decodes the weight to bf16 once and runs torch's GEMM. On a
+# [9216, 2304] matrix (2 threads) the multi-row block kernels ran 65-91 GMAC/s at any row count; decoding + bf16
+# GEMM ran 28-55 GMAC/s at 64 rows, 68-89 at 128 (even) and 144-152 at 512.
 PROMPT_ROWS = 128
 
 # ggml type ids the native kernels compute with

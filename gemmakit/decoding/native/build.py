@@ -26,7 +26,7 @@ from gemmakit.decoding.native import abi
 HERE = Path(__file__).parent
 SOURCES = (HERE / "layers.cpp", HERE / "head.cpp", HERE / "abi.cpp", HERE / "blocks.cpp", HERE / "dequant.cpp")
 HEADERS = (HERE / "common.h", HERE / "blocks.h")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off")
 
 
 def compiler() -> str | None:
