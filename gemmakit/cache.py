@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gemmakit.config import GemmaConfig
@@ -54,6 +55,19 @@ def storage_dtype(dtype: torch.dtype, device: torch.device | str | None) -> torc
     return torch.float32 if on_cpu and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
+    """Zeros that take memory only where they are written, on CPU: numpy's zeros come from calloc, whose large
+    blocks are fresh zero pages, where torch.zeros writes every byte. A server's slot pool (4096 positions a slot,
+    fp32 keys) would otherwise be resident in full before its first token (0.9 GB for Gemma 2 2B's one slot)."""
+    if torch.device(device or "cpu").type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = 1
+    for n in shape:
+        count *= n
+    raw = np.zeros(count * torch.empty((), dtype=dtype).element_size(), dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
+
+
 class KVCache:
     """Per-layer K/V buffers of fixed size, so the decode step has (nearly) static shapes."""
 
@@ -69,8 +83,8 @@ class KVCache:
         self.values: list[torch.Tensor] = []
         for layer in range(config.num_layers):
             size = self.ring_size if config.is_sliding(layer) else capacity
-            self.keys.append(torch.zeros(*shape, size, config.head_dim, dtype=dtype, device=device))
-            self.values.append(torch.zeros(*shape, size, config.head_dim, dtype=dtype, device=device))
+            self.keys.append(lazy_zeros((*shape, size, config.head_dim), dtype, device))
+            self.values.append(lazy_zeros((*shape, size, config.head_dim), dtype, device))
         self.ring_times = torch.full((self.ring_size,), -1, dtype=torch.long, device=device)
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0

@@ -235,7 +235,9 @@ def test_real_270m_default_load_keeps_the_files_blocks_and_is_close_to_fp32(real
             assert exact[0, decode.argmax()] >= exact.max() - 0.25
             top = decode.topk(8).indices
             assert torch.allclose(decode[0, top[0]], exact[0, top[0]], atol=0.25)
-    assert "France" in fast.generate("The capital of France is", max_new_tokens=8)
+    # (not "The capital of France is": there fp32 itself says "the capital of the country of France", and the
+    # quantised paths flip its near-tie at " of" -> " France" (0.44 logits apart in fp32) either way)
+    assert fast.generate("Paris is the capital of", max_new_tokens=4).startswith(" France")
     # greedy decoding's 3-bit ranker proposes the exact int8 argmax among its candidates at every position
     decoder = fast.decoder
     if decoder.name == "native" and emb.ranker is not None:
