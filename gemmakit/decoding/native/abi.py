@@ -104,7 +104,5 @@ def bind_functions(lib: ctypes.CDLL) -> None:
     lib.gk_block_dequantize.restype = ctypes.c_int
     lib.gk_quantize_act.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr]
     lib.gk_quantize_act.restype = None
-    lib.gk_has_block_kernels.argtypes = []
-    lib.gk_has_block_kernels.restype = ctypes.c_int
     lib.gk_block_kernels_vnni.argtypes = []
     lib.gk_block_kernels_vnni.restype = ctypes.c_int

@@ -6,9 +6,6 @@ using namespace gk;
 
 extern "C" {
 
-// 1: this library has the block kernels (with the VNNI path or the scalar one: both compute the same integers).
-int gk_has_block_kernels() { return 1; }
-
 // 1 when the AVX512-VNNI path is compiled in (for the bench's report; the results do not depend on it beyond fp32
 // rounding of the per-block combination).
 int gk_block_kernels_vnni() { return GK_BLOCKS_VNNI; }

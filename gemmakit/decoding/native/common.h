@@ -212,8 +212,9 @@ void one_row(const MatVec& job, int64_t n, int64_t batch) {
 }
 
 // Share the rows of several matrices among the team's threads (called by every thread of the region): each
-// thread gets one contiguous run of rows.
-void matvecs(const MatVec* jobs, int count, int64_t batch) {
+// thread gets one contiguous run of rows, and row_fn(job, n, batch) computes row n of a job.
+template <typename Job, typename RowFn>
+void share_rows(const Job* jobs, int count, int64_t batch, RowFn row_fn) {
   int64_t rows = 0;
   for (int j = 0; j < count; ++j) rows += jobs[j].rows;
 #pragma omp for schedule(static)
@@ -221,9 +222,11 @@ void matvecs(const MatVec* jobs, int count, int64_t batch) {
     int64_t n = r;
     int j = 0;
     while (n >= jobs[j].rows) n -= jobs[j++].rows;
-    one_row(jobs[j], n, batch);
+    row_fn(jobs[j], n, batch);
   }
 }
+
+void matvecs(const MatVec* jobs, int count, int64_t batch) { share_rows(jobs, count, batch, one_row); }
 
 }  // namespace
 }  // namespace gk

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from gemmakit.blocks import BLOCK_TYPES
 from gemmakit.decoding.native.build import library
 from gemmakit.errors import InputError
 from gemmakit.quant import Int4Linear, Int8Linear
 from gemmakit.weights.gguf_quants import BLOCK_SIZES, type_name
 
 # ggml type ids the block kernels (blocks.h) compute with
-BLOCK_KERNEL_TYPES = frozenset({2, 6, 8, 12, 13, 14})  # Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K
+BLOCK_KERNEL_TYPES = frozenset(BLOCK_TYPES.values())  # the ggml types blocks.h computes with
 
 
 def int8_matvec(lin: Int8Linear, x: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,9 +49,9 @@ def int4_matvec(lin: Int4Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def has_block_kernels() -> bool:
-    """True when the native library is available with its block kernels (blocks.cpp)."""
-    lib = library()
-    return lib is not None and bool(lib.gk_has_block_kernels())
+    """True when the native library is available: its block kernels (blocks.cpp) are always built, with the VNNI
+    path or the scalar one, which compute the same integers."""
+    return library() is not None
 
 
 def block_matvec(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, *, scalar: bool = False) -> torch.Tensor:

@@ -68,18 +68,8 @@ void job_row(const Job& job, int64_t n, int64_t batch) {
   }
 }
 
-// Share the rows of several matrices among the team's threads, one contiguous run each (called by every thread).
-void layer_matvecs(const Job* jobs, int count, int64_t batch) {
-  int64_t rows = 0;
-  for (int j = 0; j < count; ++j) rows += jobs[j].rows;
-#pragma omp for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t n = r;
-    int j = 0;
-    while (n >= jobs[j].rows) n -= jobs[j++].rows;
-    job_row(jobs[j], n, batch);
-  }
-}
+// The rows of a layer's products shared among the team's threads (common.h's share_rows).
+void layer_matvecs(const Job* jobs, int count, int64_t batch) { share_rows(jobs, count, batch, job_row); }
 
 // Whether any of the layer's matrices is stored as blocks (its inputs must then be rounded first).
 inline bool has_blocks(const GkLayer& L) {
