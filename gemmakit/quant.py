@@ -204,7 +204,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_zeros", scales_zeros)  # [K/g, N, 2], activation dtype
 
     @staticmethod
-    def supports(w: torch.Tensor, group: int) -> bool:
+    def supports(w: torch.Tensor | RawTensor, group: int) -> bool:
+        """Whether a [N, K] weight fits torch's int4 layout (reads only its shape: a RawTensor is not decoded)."""
         n, k = w.shape
         return n % _PACK_BLOCK == 0 and k % group == 0
 
@@ -294,10 +295,6 @@ def decoded_as(w: Weight, dtype: torch.dtype, rows_per_chunk: int = HEAD_CHUNK_R
     return out
 
 
-def _ranker_fits(shape: tuple[int, ...]) -> bool:
-    return len(shape) == 2 and shape[0] % ranker_layout.BLOCK == 0 and shape[1] % ranker_layout.GROUP == 0
-
-
 def make_head(w: Weight, spec: Scheme, dtype: torch.dtype, rows_per_chunk: int = HEAD_CHUNK_ROWS) -> QuantEmbedding:
     """The tied embedding/head [N, K] as a `QuantEmbedding` for `spec` (int8 or int4 table; with `coarse_head`,
     the int4 candidate head and the 3-bit ranker), converted `rows_per_chunk` rows at a time: each chunk is
@@ -306,10 +303,10 @@ def make_head(w: Weight, spec: Scheme, dtype: torch.dtype, rows_per_chunk: int =
     if rows_per_chunk % 64:
         raise ValueError(f"rows_per_chunk must be a multiple of 64, got {rows_per_chunk}")
     n, k = (int(d) for d in w.shape)
-    shape = (n, k)
-    int4_table = spec.head == "int4" and Int4Linear.supports(_Shape(shape), spec.group)
-    with_coarse = spec.coarse_head and Int4Linear.supports(_Shape(shape), spec.group)
-    with_ranker = with_coarse and _ranker_fits(shape)
+    # the shape checks read only `w.shape`, so a RawTensor is not decoded for them
+    int4_table = spec.head == "int4" and Int4Linear.supports(w, spec.group)
+    with_coarse = spec.coarse_head and Int4Linear.supports(w, spec.group)
+    with_ranker = with_coarse and Int3Ranker.supports(w)
     if int4_table:
         table_q, table_s = torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(k // spec.group, n, 2, dtype=dtype)
     else:
@@ -337,13 +334,6 @@ def make_head(w: Weight, spec: Scheme, dtype: torch.dtype, rows_per_chunk: int =
     table = Int4Linear(table_q, table_s, spec.group) if int4_table else Int8Linear(table_q, table_s)
     coarse = Int4Linear(coarse_q, coarse_s, spec.group) if with_coarse else None
     return QuantEmbedding(table, dtype, coarse, Int3Ranker(planes) if planes is not None else None)
-
-
-class _Shape:
-    """Just a shape, for the `supports(w)` checks that only read `w.shape` (a RawTensor is not decoded for it)."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.shape = shape
 
 
 def _int4_into(w: torch.Tensor, group: int, search: bool, packed_out: torch.Tensor, sz_out: torch.Tensor) -> None:
@@ -498,10 +488,12 @@ def conversion_bytes(shapes: dict[str, Weight], spec: Scheme) -> tuple[int, int]
             continue
         n, k = shape
         if name == "model.embed_tokens.weight":
-            head = "int4" if spec.head == "int4" and n % 64 == 0 and k % spec.group == 0 else spec.head
+            int4_fits = Int4Linear.supports(w, spec.group)
+            head = "int4" if spec.head == "int4" and int4_fits else spec.head
             total += layer_bytes.get(head, layer_bytes["int8"])(n, k)
-            if spec.coarse_head and head != "bf16" and n % 64 == 0 and k % spec.group == 0:
-                total += layer_bytes["int4"](n, k) + (3 * n * k // 8 + 4 * n * (k // 64) if _ranker_fits(shape) else 0)
+            if spec.coarse_head and head != "bf16" and int4_fits:
+                ranker = 3 * n * k // 8 + 4 * n * (k // 64) if Int3Ranker.supports(w) else 0
+                total += layer_bytes["int4"](n, k) + ranker
             transient = max(transient, 10 * 4 * min(n, HEAD_CHUNK_ROWS) * k)
             continue
         if spec.layers == "gguf" and isinstance(w, RawTensor) and BlockLinear.supports(w):

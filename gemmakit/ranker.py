@@ -19,8 +19,13 @@ So one shift and one mask turn a vector into 16 rows x 4 consecutive inputs, rea
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from gemmakit.weights.raw import RawTensor
 
 GROUP = 64  # inputs per scale; the layout above is built around it
 BLOCK = 64  # rows per block
@@ -39,8 +44,9 @@ class Int3Ranker(nn.Module):
         self.out_features, self.in_features = planes.shape[0] * BLOCK, planes.shape[1] * GROUP
 
     @staticmethod
-    def supports(weight: torch.Tensor) -> bool:
-        return weight.dim() == 2 and weight.shape[0] % BLOCK == 0 and weight.shape[1] % GROUP == 0
+    def supports(weight: torch.Tensor | RawTensor) -> bool:
+        """Whether a [N, K] weight fits the layout (reads only its shape: a RawTensor is not decoded)."""
+        return len(weight.shape) == 2 and weight.shape[0] % BLOCK == 0 and weight.shape[1] % GROUP == 0
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, rows_per_chunk: int = 16384) -> Int3Ranker:
