@@ -1,4 +1,5 @@
-"""Fixtures shared by every test area: the real Gemma 3 270M GGUF and transformers' tokenizer for it.
+"""Fixtures shared by every test area: the real Gemma 3 270M GGUF, transformers' tokenizer for it, and a tiny
+random Gemma 3 saved as an HF directory with a tokenizer.
 
 Helpers that build tiny models live in `tests/support/` (importable as `support.*`, since pytest puts `tests/`
 on the path); fixtures that several areas use live here.
@@ -44,3 +45,14 @@ def hf_tokenizer_dir(request: pytest.FixtureRequest, real_gguf_path: Path) -> Pa
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Gemma 3 (transformers' own save) with a SentencePiece tokenizer, one per test module."""
+    from support.tiny_models import save_hf_model, save_tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-gemma3") / "tiny"
+    save_hf_model("gemma3", directory)
+    save_tiny_tokenizer(directory)
+    return directory

@@ -17,7 +17,6 @@ from gemmakit.weights import hf
 from gemmakit.weights import source as sources
 from gemmakit.weights.gguf_reader import GGUFFile
 from support.tiny_gguf import write_tiny_gguf
-from support.tiny_models import save_hf_model, save_tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -29,14 +28,6 @@ def private_cache(tmp_path, monkeypatch):
 def tiny_gguf(tmp_path):
     pytest.importorskip("gguf")
     return write_tiny_gguf(tmp_path / "tiny.gguf")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("gemma3-build")
-    save_hf_model("gemma3", directory)
-    save_tiny_tokenizer(directory)
-    return directory
 
 
 def _counted(monkeypatch, owner, name, keep=lambda *args: True) -> list:

@@ -14,7 +14,6 @@ from gemmakit.cli import main
 from gemmakit.errors import InputError
 from gemmakit.explain.segments import aggregate, segment_ids
 from support.scope_support import one_thread
-from support.tiny_models import save_hf_model, save_tiny_tokenizer
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 TEXT = "The sea was calm. The ship sailed!\nA king, a queen.\n\nNew paragraph here? Yes it is."
@@ -94,14 +93,6 @@ def test_every_granularity_partitions_the_tokens():
     assert paragraphs == ["The sea was calm. The ship sailed!\nA king, a queen.", "New paragraph here? Yes it is."]
     with pytest.raises(InputError):
         aggregate(pieces, scores, "(unclosed")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("cli") / "tiny"
-    save_hf_model("gemma3", directory)
-    save_tiny_tokenizer(directory)
-    return directory
 
 
 def test_explain_command_json_html_and_plain_terminal(tiny_dir, tmp_path, capsys):

@@ -31,7 +31,6 @@ from gemmakit.cli import main as cli_main
 from gemmakit.decoding.sampling import top_indices
 from gemmakit.errors import InputError
 from gemmakit.weights import converted
-from support.tiny_models import save_hf_model, save_tiny_tokenizer
 
 TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First Citizen: You are all "
         "resolved rather to die than to famish? All: Resolved. resolved. First Citizen: First, you know Caius "
@@ -45,14 +44,6 @@ USER_CACHE = os.environ.get("GEMMAKIT_CACHE")
 def private_cache(tmp_path, monkeypatch):
     """Every test converts into its own cache directory (and proves GEMMAKIT_CACHE is honoured)."""
     monkeypatch.setenv("GEMMAKIT_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("gemma3q")
-    save_hf_model("gemma3", directory)
-    save_tiny_tokenizer(directory)
-    return directory
 
 
 def _compare(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
