@@ -88,6 +88,31 @@ def test_native_step_equals_fp32_dequantized_model(family, prompt, pad, tmp_path
     assert torch.equal(caches[1].ring_times, caches[0].ring_times)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_prompt_chunks_in_one_native_step_equal_token_by_token_steps(family, tmp_path):
+    """A short prompt chunk runs as entries of one native step (each token at its own time, rows left-padded):
+    the residuals at its last position and every key, value and ring record it writes are bit for bit those of
+    feeding the same tokens one step at a time, for a first chunk and for one after earlier tokens."""
+    model = quantize_model(tiny(family, tmp_path), "int8")
+    decoder = native_decoder(model)
+    config = model.config
+    ids = torch.randint(3, VOCAB, (2, WINDOW), generator=torch.Generator().manual_seed(3))
+    ids[0, :3] = config.pad_id
+    caches = [KVCache(config, 2, 4 * PROMPT, torch.float32) for _ in range(2)]
+    for cache in caches:
+        cache.pad.copy_(torch.tensor([3, 0]))
+    cut = 3  # the chunks end within the sliding window's ring (else the chunk takes the module's forward)
+    assert 2 * WINDOW <= native.decoder.PROMPT_ENTRIES
+    with torch.inference_mode():
+        chunked = [decoder.prefill(ids[:, :cut], caches[0]), decoder.prefill(ids[:, cut:], caches[0])]
+        stepped = [decoder.advance(ids[:, t], caches[1]) for t in range(WINDOW)]
+    assert torch.equal(chunked[0], stepped[cut - 1]) and torch.equal(chunked[1], stepped[-1])
+    assert caches[0].length == caches[1].length == WINDOW
+    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(caches[0].ring_times, caches[1].ring_times)
+
+
 def test_generation_uses_native_step_and_keeps_greedy_tokens(tmp_path):
     """Through `generate_tokens`: the native step's fp32 activations agree with the eager bf16 path's greedy
     tokens up to the rare near-tie (a wrong mask or slot would change them within a few tokens)."""
@@ -269,34 +294,35 @@ def test_rescored_head_recomputes_the_coarse_top_candidates_exactly(ranked):
     decoding uses) everywhere, except the top CANDIDATES of each row, which hold the exact int8 logits of the
     normed residual; the best of those by exact logit is each row's greedy token. A vocabulary of 8192 rows is
     large enough for the block search (128 candidates need at least 128 blocks of 64). Residuals of +-1 with
-    eps 0 make the norm exact, so torch's normed x is bit for bit the kernel's."""
+    eps 0 make the norm exact, so torch's normed x is bit for bit the kernel's. the 11 rows are computed 8 and
+    3 at a time, and each row equals its own call bit for bit."""
     from gemmakit.model import RMSNorm
     from gemmakit.quant import QuantEmbedding
 
     gen = torch.Generator().manual_seed(5)
-    vocab, dim = 8192, 128
+    vocab, dim, batch = 8192, 128, 11
     weight = torch.randn(vocab, dim, generator=gen)
     emb = QuantEmbedding(Int8Linear.from_weight(weight, torch.bfloat16), torch.bfloat16,
                          Int4Linear.from_weight(weight, 32, torch.bfloat16, search=False),
                          Int3Ranker.from_weight(weight))
     norm = RMSNorm(dim, eps=0.0)
     norm.weight.data = torch.randn(dim, generator=gen) * 0.5
-    h = torch.randint(0, 2, (3, 1, dim), generator=gen).float() * 2 - 1
+    h = torch.randint(0, 2, (batch, 1, dim), generator=gen).float() * 2 - 1
     lib = native.library()
     keep: list[torch.Tensor] = []
     head = _head(lib, emb, norm, emb.table.scales.float(), keep, None)  # what a decoder binds
     assert head is not None and head.ranker
-    logits, best = torch.empty(3, vocab), torch.empty(3, dtype=torch.long)
-    assert lib.gk_rescored_head(h.reshape(3, dim).contiguous().data_ptr(), 3, ctypes.byref(head), logits.data_ptr(),
+    logits, best = torch.empty(batch, vocab), torch.empty(batch, dtype=torch.long)
+    assert lib.gk_rescored_head(h.reshape(batch, dim).contiguous().data_ptr(), batch, ctypes.byref(head), logits.data_ptr(),
                                 int(ranked), best.data_ptr(), 2) == 0
-    x = norm(h).view(3, dim)
+    x = norm(h).view(batch, dim)
     if ranked:
         coarse = ranker_logits(emb.ranker, x)
     else:
         coarse = kernels.int4_matvec(emb.coarse, x).double()
     exact = x.double() @ (emb.table.weight_int8.double() * emb.table.scales.double()[:, None]).t()
     top = coarse.topk(emb.CANDIDATES, dim=-1).indices
-    for row in range(3):
+    for row in range(batch):
         rescored = torch.zeros(vocab, dtype=torch.bool)
         rescored[top[row]] = True
         tail_err = (logits[row][~rescored].double() - coarse[row][~rescored]).abs().max().item()
@@ -305,6 +331,12 @@ def test_rescored_head_recomputes_the_coarse_top_candidates_exactly(ranked):
         err = (logits[row][rescored].double() - exact[row][rescored]).abs().max().item()
         assert err <= 1e-5 * exact[row].abs().max().item()
         assert best[row].item() == top[row][exact[row][top[row]].argmax()].item()
+    # every row bitwise as it is alone (the kernels unpack a block once for up to 8 rows)
+    for row in (0, 7, 8, batch - 1):
+        alone, alone_best = torch.empty(1, vocab), torch.empty(1, dtype=torch.long)
+        assert lib.gk_rescored_head(h[row].contiguous().data_ptr(), 1, ctypes.byref(head), alone.data_ptr(),
+                                    int(ranked), alone_best.data_ptr(), 2) == 0
+        assert torch.equal(alone[0], logits[row]) and alone_best[0] == best[row]
 
 
 def test_ranker_layout_round_trips_and_bounds_its_error():

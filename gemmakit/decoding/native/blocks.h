@@ -176,7 +176,7 @@ inline void prefetch_bytes(const uint8_t* p, int64_t bytes) {
 // Activation rows a weight row is dotted with per call of block_dot_rows: each weight block's codes and scales are
 // unpacked once for all of them. Why 4: past that the per-row work (a multiply-add per 64 values) dominates the
 // shared unpacking, and 4 rows' accumulators still fit the registers.
-constexpr int kMaxRows = 4;
+constexpr int kMaxRows = 8;
 
 // --- scalar reference: the same integers as the vector path -------------------------------------------------------
 // Decoded codes of one block (q - offset for the symmetric types, the unsigned code for Q4_K/Q5_K), 32 or 256.
@@ -234,7 +234,7 @@ void block_dot_scalar_rows(int64_t type, const uint8_t* row, const ActRow* xs, i
     block_dot_scalar_rows(type, row, xs, kMaxRows, k, out);
   int64_t values, bytes;
   block_shape(type, &values, &bytes);
-  float sum[kMaxRows] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float sum[kMaxRows] = {};
   int32_t codes[kSuper];
   for (int64_t blk_i = 0; values > 0 && blk_i < k / values; ++blk_i) {
     const uint8_t* blk = row + blk_i * bytes;
@@ -407,6 +407,20 @@ void dot_legacy(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
                                                 _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x));
           acc2[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(index, f[r]), acc2[r]);
         }
+      }
+    }
+    for (; b + 2 <= nb; b += 2) {  // the rest in pairs (a 640-wide row's 20 blocks leave 4 here)
+      const uint8_t* blk = row + bytes * b;
+      const LegacyBlock<kType, N> even(blk), odd(blk + bytes);
+      const __m512i magnitude = join(even.codes, odd.codes);
+      const __mmask64 negative = _mm512_movepi8_mask(join(even.sign_from, odd.sign_from));
+      const float d0 = half_to_float(blk), d1 = half_to_float(blk + bytes);
+      for (int r = 0; r < N; ++r) {
+        const __m512i x = _mm512_loadu_si512(xs[r].q + 32 * b);
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude,
+                                              _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x));
+        const __m512 f = _mm512_insertf32x8(_mm512_set1_ps(d0 * xs[r].d[b]), _mm256_set1_ps(d1 * xs[r].d[b + 1]), 1);
+        acc2[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), f, acc2[r]);
       }
     }
     for (int r = 0; r < N; ++r) {
@@ -587,7 +601,11 @@ void block_dot_run(int64_t ggml_type, const uint8_t* w, int64_t row_bytes, int64
       case 1: dot_run<1>(ggml_type, w, row_bytes, nrows, xs, k, y, y_stride); break;
       case 2: dot_run<2>(ggml_type, w, row_bytes, nrows, xs, k, y, y_stride); break;
       case 3: dot_run<3>(ggml_type, w, row_bytes, nrows, xs, k, y, y_stride); break;
-      default: dot_run<4>(ggml_type, w, row_bytes, nrows, xs, k, y, y_stride); break;
+      case 4: dot_run<4>(ggml_type, w, row_bytes, nrows, xs, k, y, y_stride); break;
+      case 5: dot_run<5>(ggml_type, w, row_bytes, nrows, xs, k, y, y_stride); break;
+      case 6: dot_run<6>(ggml_type, w, row_bytes, nrows, xs, k, y, y_stride); break;
+      case 7: dot_run<7>(ggml_type, w, row_bytes, nrows, xs, k, y, y_stride); break;
+      default: dot_run<8>(ggml_type, w, row_bytes, nrows, xs, k, y, y_stride); break;
     }
   }
 #else

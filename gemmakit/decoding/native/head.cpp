@@ -124,10 +124,13 @@ void int4_matvec(const uint8_t* packed, const uint16_t* sz, int64_t n, int64_t k
 
 // One 64-row block of the 3-bit ranker (layout: gemmakit/ranker.py) against int8 activations [k] with one scale
 // and one exact sum per 64 inputs: y[64] = sum over groups of scale * (codes . x) + minimum * sum(x). For each
-// quarter of 16 rows, one shift and one mask leave 16 rows x 4 consecutive inputs of one bit plane, ready for
-// vpdpbusd against those 4 inputs' activations; the high bit is masked in place as 4 (so both planes add up in
-// one accumulator). The block is one sequential stream: 7 cache lines per quarter, prefetched 8 KB ahead.
+// quarter of 16 rows and each 4 consecutive inputs, a shift and a mask take their two low bits from a low plane and
+// a shift and a mask their high bit (as 4) from a high plane; one ternary-logic op joins them into the 3-bit codes
+// (0..7), ready for vpdpbusd against those 4 inputs' activations. So each activation row costs one vpdpbusd per 4
+// inputs of 16 rows (adding the high plane in a second vpdpbusd doubled that: the head of 8 rows ran 12.8 ms, not
+// 7, on the 270M). The block is one sequential stream: 7 cache lines per quarter, prefetched 8 KB ahead.
 constexpr int64_t kQuarterBytes = 448;  // 16 rows x 64 inputs: 4 + 2 planes of 64 bytes, 64 bytes of pairs
+constexpr int kRankerRows = 8;          // activation rows sharing one unpacking of a block
 
 template <int R>
 void int3_block(const uint8_t* block, int64_t groups, const int8_t* xq, const float* x_scales,
@@ -141,10 +144,10 @@ void int3_block(const uint8_t* block, int64_t groups, const int8_t* xq, const fl
   for (int r = 0; r < R; ++r)
     for (auto& o : out[r]) o = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    int32_t quads[R][16];  // activations of inputs 4i..4i+3 of this group, per row
+    const int8_t* quads[R];  // this group's activations, per row
     __m512 xs[R], sums[R];
     for (int r = 0; r < R; ++r) {
-      std::memcpy(quads[r], xq + r * k + g * 64, 64);
+      quads[r] = xq + r * k + g * 64;
       xs[r] = _mm512_set1_ps(x_scales[r * groups + g]);
       sums[r] = _mm512_set1_ps(group_sums[r * groups + g]);
     }
@@ -154,21 +157,25 @@ void int3_block(const uint8_t* block, int64_t groups, const int8_t* xq, const fl
                                                         _MM_HINT_T0);
       __m512i acc[R];
       for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
-      for (int c = 0; c < 4; ++c) {  // low planes: byte j of a lane holds inputs 16c + 4s + j at bits 2s, 2s+1
-        const __m512i v = _mm512_loadu_si512(q + c * 64);
+      // low planes: byte j of a lane holds inputs 16c + 4s + j at bits 2s, 2s+1 (c < 4, s < 4); high planes: byte
+      // j holds input 32c + 4s + j at bit s (c < 2, s < 8). Inputs 4i..4i+3: low plane i / 4, high plane i / 8.
+      const __m512i high[2] = {_mm512_loadu_si512(q + 256), _mm512_loadu_si512(q + 320)};
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        const __m512i low = _mm512_loadu_si512(q + c * 64);
+#pragma GCC unroll 4
         for (int s = 0; s < 4; ++s) {
-          const __m512i codes = _mm512_and_si512(_mm512_srli_epi16(v, 2 * s), low2);
-          for (int r = 0; r < R; ++r)
-            acc[r] = _mm512_dpbusd_epi32(acc[r], codes, _mm512_set1_epi32(quads[r][c * 4 + s]));
-        }
-      }
-      for (int c = 0; c < 2; ++c) {  // high planes: byte j holds input 32c + 4s + j at bit s, moved to bit 2
-        const __m512i v = _mm512_loadu_si512(q + 256 + c * 64);
-        for (int s = 0; s < 8; ++s) {
-          const __m512i at2 = s <= 2 ? _mm512_slli_epi16(v, 2 - s) : _mm512_srli_epi16(v, s - 2);
-          const __m512i bits = _mm512_and_si512(at2, four);
-          for (int r = 0; r < R; ++r)
-            acc[r] = _mm512_dpbusd_epi32(acc[r], bits, _mm512_set1_epi32(quads[r][c * 8 + s]));
+          const int i = 4 * c + s, bit = i & 7;
+          const __m512i h = high[i >> 3];
+          const __m512i at2 = bit <= 2 ? _mm512_slli_epi16(h, 2 - bit) : _mm512_srli_epi16(h, bit - 2);
+          // (low >> 2s) & 3 | (at2 & 4)
+          const __m512i codes = _mm512_ternarylogic_epi32(_mm512_srli_epi16(low, 2 * s), low2,
+                                                          _mm512_and_si512(at2, four), 0xEA);
+          for (int r = 0; r < R; ++r) {
+            int32_t quad;  // inputs 4i..4i+3 of row r
+            std::memcpy(&quad, quads[r] + 4 * i, 4);
+            acc[r] = _mm512_dpbusd_epi32(acc[r], codes, _mm512_set1_epi32(quad));
+          }
         }
       }
       const __m512i pairs = _mm512_loadu_si512(q + 384);  // (scale, minimum) bf16 of the quarter's 16 rows
@@ -184,6 +191,21 @@ void int3_block(const uint8_t* block, int64_t groups, const int8_t* xq, const fl
     for (int r4 = 0; r4 < 4; ++r4) _mm512_storeu_ps(y + r * n + 16 * r4, out[r][r4]);
 }
 
+// int3_block for `rows` (1..kRankerRows) activation rows.
+void int3_block_rows(int64_t rows, const uint8_t* block, int64_t groups, const int8_t* xq, const float* x_scales,
+                     const float* group_sums, int64_t k, int64_t n, float* y) {
+  switch (rows) {
+    case 1: return int3_block<1>(block, groups, xq, x_scales, group_sums, k, n, y);
+    case 2: return int3_block<2>(block, groups, xq, x_scales, group_sums, k, n, y);
+    case 3: return int3_block<3>(block, groups, xq, x_scales, group_sums, k, n, y);
+    case 4: return int3_block<4>(block, groups, xq, x_scales, group_sums, k, n, y);
+    case 5: return int3_block<5>(block, groups, xq, x_scales, group_sums, k, n, y);
+    case 6: return int3_block<6>(block, groups, xq, x_scales, group_sums, k, n, y);
+    case 7: return int3_block<7>(block, groups, xq, x_scales, group_sums, k, n, y);
+    default: return int3_block<8>(block, groups, xq, x_scales, group_sums, k, n, y);
+  }
+}
+
 // y [batch, n] from the 3-bit ranker of a [n, k] head, and each 64-row block's largest value [batch, n / 64].
 void int3_matvec(const uint8_t* planes, int64_t n, int64_t k, const float* x, int64_t batch, float* y,
                  float* block_max, int threads) {
@@ -192,15 +214,12 @@ void int3_matvec(const uint8_t* planes, int64_t n, int64_t k, const float* x, in
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const uint8_t* block = planes + blk * (k / 64) * 4 * kQuarterBytes;
-    for (int64_t b = 0; b < batch;) {  // up to four activation rows per pass over the block
-      const int64_t rows = std::min<int64_t>(4, batch - b), groups = k / 64;
+    for (int64_t b = 0; b < batch;) {  // up to kRankerRows activation rows per pass over the block
+      const int64_t rows = std::min<int64_t>(kRankerRows, batch - b), groups = k / 64;
       const int8_t* codes = a.codes.data() + b * k;
       const float *scales = a.scales.data() + b * groups, *sums = a.sums.data() + b * groups;
       float* out = y + b * n + blk * 64;
-      if (rows == 4) int3_block<4>(block, groups, codes, scales, sums, k, n, out);
-      if (rows == 3) int3_block<3>(block, groups, codes, scales, sums, k, n, out);
-      if (rows == 2) int3_block<2>(block, groups, codes, scales, sums, k, n, out);
-      if (rows == 1) int3_block<1>(block, groups, codes, scales, sums, k, n, out);
+      int3_block_rows(rows, block, groups, codes, scales, sums, k, n, out);
       for (int64_t r = 0; r < rows; ++r) block_max[(b + r) * blocks + blk] = max64(out + r * n);
       b += rows;
     }
