@@ -313,8 +313,8 @@ def test_rescored_head_recomputes_the_coarse_top_candidates_exactly(ranked):
     head = _head(lib, emb, norm, emb.table.scales.float(), keep, None)  # what a decoder binds
     assert head is not None and head.ranker
     logits, best = torch.empty(batch, vocab), torch.empty(batch, dtype=torch.long)
-    assert lib.gk_rescored_head(h.reshape(batch, dim).contiguous().data_ptr(), batch, ctypes.byref(head), logits.data_ptr(),
-                                int(ranked), best.data_ptr(), 2) == 0
+    assert lib.gk_rescored_head(h.reshape(batch, dim).contiguous().data_ptr(), batch, ctypes.byref(head),
+                                logits.data_ptr(), int(ranked), best.data_ptr(), 2) == 0
     x = norm(h).view(batch, dim)
     if ranked:
         coarse = ranker_logits(emb.ranker, x)
