@@ -91,16 +91,27 @@ def reference_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return q.reshape(-1), d, q.astype(np.int32).sum(axis=1).astype(np.int32)
 
 
+# The code offsets of the legacy formats whose kernels add the codes' products and take the offset off apart
+OFFSETS = {"Q4_0": 8, "Q5_0": 16}
+
+
 def split_weights(name: str, blocks: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
     """(w, |a| + |b|) in float64 [rows, cols], decoded by gguf: a = the weights with dmin zeroed (d * sc * q),
-    b = minus the weights with d zeroed (dmin * m); |w| for formats without mins."""
+    b = minus the weights with d zeroed (dmin * m); for Q4_0/Q5_0, a = d * q and b = d * offset (w = d (q - offset));
+    |w| for the other formats without mins."""
     rows = blocks.shape[0]
     t = qtype(name)
     w = quants.dequantize(blocks, t).reshape(rows, cols).astype(np.float64)
     d_off, m_off = scale_offsets(name)
+    size = GGML_QUANT_SIZES[t][1]
+    if name in OFFSETS:
+        unit = blocks.reshape(-1, size).copy()
+        d = unit[:, :2].copy().view(np.float16).astype(np.float64)  # [blocks, 1]
+        unit[:, :2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)  # d = 1: the codes minus the offset
+        q = quants.dequantize(unit.reshape(rows, -1), t).reshape(-1, GGML_QUANT_SIZES[t][0]) + OFFSETS[name]
+        return w, (np.abs(d) * (q + OFFSETS[name])).reshape(rows, cols)
     if m_off is None:
         return w, np.abs(w)
-    size = GGML_QUANT_SIZES[t][1]
     parts = []
     for zeroed in (m_off, d_off):
         b = blocks.reshape(-1, size).copy()

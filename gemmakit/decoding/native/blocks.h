@@ -290,11 +290,12 @@ float block_dot_scalar(int64_t type, const uint8_t* row, const ActRow& x, int64_
 // --- AVX512-VNNI path ----------------------------------------------------------------------------------------------
 // vpdpbusd multiplies unsigned weight codes by signed activations, four products into each int32 lane, exactly;
 // each lane (a partial sum over 4 values) is converted to fp32 and multiplied into a float accumulator by its
-// block's factor, so there is no horizontal sum per block. Signed codes go in either as |q - offset| against the
-// activations negated where q - offset < 0 (Q8_0; Q4_0/Q5_0 for several rows), or as q with the offset's products
-// taken off by a second vpdpbusd (Q6_K; Q4_0/Q5_0 for one row): either way every lane is the exact partial sum of
-// the true products and every float term a partial sum of w * x_hat (Q4_K/Q5_K: of their scaled codes and, apart, of their mins): the fp32
-// error stays relative to sum (|a| + |b|) |x_hat| (the test's slack relies on it).
+// block's factor, so there is no horizontal sum per block. Signed codes go in as |q| against the activations negated
+// where q < 0 (Q8_0), as q with the offset's products taken off by a second vpdpbusd (Q6_K), or as the unsigned codes
+// q with the offset's share offset * d * sum(x) taken off in fp32 (Q4_0, Q5_0; Q4_K/Q5_K's mins likewise): every lane
+// is an exact integer, and every float term a partial sum of a * x_hat or of b * x_hat, where w = a - b splits a weight
+// into its scaled code and its offset or min, so the fp32 error stays relative to sum (|a| + |b|) |x_hat| (the
+// test's bound relies on it).
 // Each kernel is a template on N, the number of activation rows (1..kMaxRows): a weight block's codes, its scales
 // and the lane permutations are computed once and used for the N rows, each row with its own accumulators and the
 // same float operations in the same order as N = 1 (block_dot is the N = 1 instance), so a row's result does not
@@ -321,48 +322,7 @@ inline __m256i nibbles32(const uint8_t* qs) {
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f));
 }
 
-// lanes of sum((q - offset) * x) for unsigned codes q
-inline __m256i offset_dot(__m256i codes, __m256i xq, __m256i offset) {
-  const __m256i zero = _mm256_setzero_si256();
-  return _mm256_sub_epi32(_mm256_dpbusd_epi32(zero, codes, xq), _mm256_dpbusd_epi32(zero, offset, xq));
-}
-
 inline __m256 broadcast_lane(__m256 v, int j) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j)); }
-
-// One 32-value block of a legacy type, unpacked once for any number of activation rows; lanes(x) = the lanes of
-// sum(w x / d_w) over 4 values each, exact integers (however they are computed: the rows' float work sees only them).
-template <int64_t kType, int N>
-struct LegacyBlock {
-  // one vpsignb a row (after two shared operations) instead of a second vpdpbusd a row: worth it from 2 rows on
-  static constexpr bool kSigned = kType == kQ8_0 || N > 1;
-  static constexpr char kOffset = kType == kQ4_0 ? 8 : 16;
-  __m256i codes;      // kSigned: |w| (unsigned; Q8_0's -128 -> 128); else the unsigned codes q (w = q - offset)
-  __m256i sign_from;  // kSigned: w itself, whose sign flips x
-
-  explicit LegacyBlock(const uint8_t* blk) {
-    if constexpr (kType == kQ8_0) {
-      sign_from = load256(blk + 2);
-    } else {
-      if constexpr (kType == kQ4_0) {
-        codes = nibbles32(blk + 2);
-      } else {  // Q5_0: qh's bit j is value j's 5th bit, added where set
-        uint32_t qh;
-        std::memcpy(&qh, blk + 2, 4);
-        codes = nibbles32(blk + 6);
-        codes = _mm256_mask_add_epi8(codes, static_cast<__mmask32>(qh), codes, _mm256_set1_epi8(0x10));
-      }
-      if constexpr (!kSigned) return;
-      sign_from = _mm256_sub_epi8(codes, _mm256_set1_epi8(kOffset));
-    }
-    codes = _mm256_abs_epi8(sign_from);
-  }
-  __m256i lanes(__m256i xq) const {
-    if constexpr (kSigned)  // |w| times x with w's sign: the products w * x exactly (x is never -128)
-      return _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, _mm256_sign_epi8(xq, sign_from));
-    else
-      return offset_dot(codes, xq, _mm256_set1_epi8(kOffset));
-  }
-};
 
 // The fp16 scales of 8 blocks `bytes` apart, as 8 floats (gathered in general registers, one conversion).
 inline __m256 eight_halves(const uint8_t* blk, int64_t bytes) {
@@ -375,17 +335,61 @@ inline __m256 eight_halves(const uint8_t* blk, int64_t bytes) {
   return _mm256_cvtph_ps(_mm_set_epi64x(static_cast<int64_t>(packed[1]), static_cast<int64_t>(packed[0])));
 }
 
-// Q8_0, Q4_0, Q5_0: eight blocks at a time, their factors d_w * d_x in one vector per row. One row: 256-bit
-// vectors, one block each (two blocks per 512-bit vector measured slower there on Zen 4: the joins and 512-bit masks
-// cost more than they save where 512-bit operations issue as two 256-bit halves). Several rows: two blocks per
-// 512-bit vector, the even block in the low half, so the low half of its accumulator is the even blocks'
-// accumulator of the one-row loop and the high half the odd blocks': lane for lane the same operations.
+// The 32 codes of one legacy block, as vpdpbusd's unsigned operand: Q4_0 and Q5_0 their unsigned codes q (w = d *
+// (q - offset)); Q8_0 |q| (q = -128 becomes 128), with `sign_from` = q, whose sign flips the activations.
+template <int64_t kType>
+struct LegacyCodes {
+  __m256i codes, sign_from;
+  explicit LegacyCodes(const uint8_t* blk) {
+    if constexpr (kType == kQ8_0) {
+      sign_from = load256(blk + 2);
+      codes = _mm256_abs_epi8(sign_from);
+    } else if constexpr (kType == kQ4_0) {
+      codes = nibbles32(blk + 2);
+    } else {  // Q5_0: qh's bit j is value j's 5th bit, added where set
+      uint32_t qh;
+      std::memcpy(&qh, blk + 2, 4);
+      codes = nibbles32(blk + 6);
+      codes = _mm256_mask_add_epi8(codes, static_cast<__mmask32>(qh), codes, _mm256_set1_epi8(0x10));
+    }
+  }
+};
+
+// Q8_0, Q4_0, Q5_0: eight blocks at a time, their factors d_w * d_x in one vector per row. Each int32 lane of a block
+// is an exact partial sum over 4 values, converted to fp32 and multiplied into a float accumulator by its block's
+// factor (no horizontal sum per block). Q8_0's lanes are sums of q x (|q| against x with q's sign); Q4_0's and Q5_0's
+// are sums of the unsigned codes' products q x, and the offset's share, offset * d_w * d_x * sum(x codes), is taken
+// off once at the end from per-block sums accumulated in fp32 (one multiply-add per 8 blocks and row, from the
+// activation rows' block sums), which spares a second vpdpbusd or a sign flip per block and row.
+// One row: 256-bit vectors, one block each (two blocks per 512-bit vector measured slower there on Zen 4: the joins
+// and 512-bit masks cost more than they save where 512-bit operations issue as two 256-bit halves). Several rows:
+// two blocks per 512-bit vector, the even block in the low half, so the low half of its accumulator is the even
+// blocks' accumulator of the one-row loop and the high half the odd blocks': lane for lane the same operations.
 template <int64_t kType, int N>
 void dot_legacy(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
   constexpr int64_t bytes = kType == kQ8_0 ? 34 : kType == kQ4_0 ? 18 : 22;
+  constexpr bool kOffset = kType != kQ8_0;
+  constexpr float offset = kType == kQ4_0 ? 8.0f : 16.0f;
   const int64_t nb = k / 32;
-  __m256 acc[N][2];
-  for (int r = 0; r < N; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  __m256 acc[N][2], corr[N];  // corr: lane j, the offset's share of block j of each group of 8
+  float tail_corr[N];         // the offset's share of the blocks after the last whole group of 8
+  for (int r = 0; r < N; ++r) {
+    acc[r][0] = acc[r][1] = corr[r] = _mm256_setzero_ps();
+    tail_corr[r] = 0.0f;
+  }
+  // lanes of one block's (or, 512 bits, two blocks') products with activations x: q x exactly
+  auto lanes = [](const __m256i& codes, const __m256i& sign_from, __m256i x) {
+    if constexpr (kOffset) return _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, x);
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, _mm256_sign_epi8(x, sign_from));
+  };
+  auto lanes2 = [](const __m512i& codes, __mmask64 negative, __m512i x) {
+    if constexpr (kOffset) return _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, x);
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x));
+  };
+  auto negative_of = [](const LegacyCodes<kType>& even, const LegacyCodes<kType>& odd) -> __mmask64 {
+    if constexpr (kOffset) return 0;
+    return _mm512_movepi8_mask(join(even.sign_from, odd.sign_from));
+  };
   int64_t b = 0;
   if constexpr (N > 1) {  // the same lanes and float operations as below, two blocks per 512-bit vector
     __m512 acc2[N];
@@ -395,32 +399,37 @@ void dot_legacy(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
       prefetch_bytes(blk, 8 * bytes);
       const __m256 halves = eight_halves(blk, bytes);
       __m512 f[N];
-      for (int r = 0; r < N; ++r) f[r] = _mm512_castps256_ps512(_mm256_mul_ps(halves, _mm256_loadu_ps(xs[r].d + b)));
+      for (int r = 0; r < N; ++r) {
+        const __m256 f8 = _mm256_mul_ps(halves, _mm256_loadu_ps(xs[r].d + b));
+        if constexpr (kOffset) corr[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load256(xs[r].sums + b)), f8, corr[r]);
+        f[r] = _mm512_castps256_ps512(f8);
+      }
       for (int j = 0; j < 8; j += 2) {
-        const LegacyBlock<kType, N> even(blk + bytes * j), odd(blk + bytes * (j + 1));
-        const __m512i magnitude = join(even.codes, odd.codes);
-        const __mmask64 negative = _mm512_movepi8_mask(join(even.sign_from, odd.sign_from));
+        const LegacyCodes<kType> even(blk + bytes * j), odd(blk + bytes * (j + 1));
+        const __m512i codes = join(even.codes, odd.codes);
+        const __mmask64 negative = negative_of(even, odd);
         const __m512i index = pair_index(j, j + 1);
         for (int r = 0; r < N; ++r) {
-          const __m512i x = _mm512_loadu_si512(xs[r].q + 32 * (b + j));
-          const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude,
-                                                _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x));
+          const __m512i p = lanes2(codes, negative, _mm512_loadu_si512(xs[r].q + 32 * (b + j)));
           acc2[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(index, f[r]), acc2[r]);
         }
       }
     }
     for (; b + 2 <= nb; b += 2) {  // the rest in pairs (a 640-wide row's 20 blocks leave 4 here)
       const uint8_t* blk = row + bytes * b;
-      const LegacyBlock<kType, N> even(blk), odd(blk + bytes);
-      const __m512i magnitude = join(even.codes, odd.codes);
-      const __mmask64 negative = _mm512_movepi8_mask(join(even.sign_from, odd.sign_from));
+      const LegacyCodes<kType> even(blk), odd(blk + bytes);
+      const __m512i codes = join(even.codes, odd.codes);
+      const __mmask64 negative = negative_of(even, odd);
       const float d0 = half_to_float(blk), d1 = half_to_float(blk + bytes);
       for (int r = 0; r < N; ++r) {
-        const __m512i x = _mm512_loadu_si512(xs[r].q + 32 * b);
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude,
-                                              _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x));
-        const __m512 f = _mm512_insertf32x8(_mm512_set1_ps(d0 * xs[r].d[b]), _mm256_set1_ps(d1 * xs[r].d[b + 1]), 1);
-        acc2[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), f, acc2[r]);
+        const float f0 = d0 * xs[r].d[b], f1 = d1 * xs[r].d[b + 1];
+        const __m512i p = lanes2(codes, negative, _mm512_loadu_si512(xs[r].q + 32 * b));
+        acc2[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_insertf32x8(_mm512_set1_ps(f0), _mm256_set1_ps(f1), 1),
+                                  acc2[r]);
+        if constexpr (kOffset) {
+          tail_corr[r] += static_cast<float>(xs[r].sums[b]) * f0;
+          tail_corr[r] += static_cast<float>(xs[r].sums[b + 1]) * f1;
+        }
       }
     }
     for (int r = 0; r < N; ++r) {
@@ -433,25 +442,33 @@ void dot_legacy(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
     prefetch_bytes(blk, 8 * bytes);
     const __m256 halves = eight_halves(blk, bytes);
     __m256 f[N];
-    for (int r = 0; r < N; ++r) f[r] = _mm256_mul_ps(halves, _mm256_loadu_ps(xs[r].d + b));
+    for (int r = 0; r < N; ++r) {
+      f[r] = _mm256_mul_ps(halves, _mm256_loadu_ps(xs[r].d + b));
+      if constexpr (kOffset) corr[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load256(xs[r].sums + b)), f[r], corr[r]);
+    }
     for (int j = 0; j < 8; ++j) {
-      const LegacyBlock<kType, N> w(blk + bytes * j);
+      const LegacyCodes<kType> w(blk + bytes * j);
       for (int r = 0; r < N; ++r) {
-        const __m256i p = w.lanes(load256(xs[r].q + 32 * (b + j)));
+        const __m256i p = lanes(w.codes, w.sign_from, load256(xs[r].q + 32 * (b + j)));
         acc[r][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), broadcast_lane(f[r], j), acc[r][j & 1]);
       }
     }
   }
   for (; b < nb; ++b) {
     const uint8_t* blk = row + bytes * b;
-    const LegacyBlock<kType, N> w(blk);
+    const LegacyCodes<kType> w(blk);
     const float d = half_to_float(blk);
     for (int r = 0; r < N; ++r) {
-      const __m256i p = w.lanes(load256(xs[r].q + 32 * b));
-      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xs[r].d[b]), acc[r][b & 1]);
+      const float f = d * xs[r].d[b];
+      const __m256i p = lanes(w.codes, w.sign_from, load256(xs[r].q + 32 * b));
+      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f), acc[r][b & 1]);
+      if constexpr (kOffset) tail_corr[r] += static_cast<float>(xs[r].sums[b]) * f;
     }
   }
-  for (int r = 0; r < N; ++r) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+  for (int r = 0; r < N; ++r) {
+    out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+    if constexpr (kOffset) out[r] -= offset * (hsum(corr[r]) + tail_corr[r]);
+  }
 }
 
 // Q4_K and Q5_K: per super-block, the 8 sub-blocks' factors d * sc_j * d_x,j in one vector per row, and the mins'
