@@ -20,7 +20,15 @@ class Backend:
         self.scheduler = Scheduler(gemma, slots=options.slots, context=self.context,
                                    prefix_cache_bytes=options.prefix_cache_mb << 20,
                                    prefill_chunk=options.prefill_chunk, max_queue=options.max_queue)
+        self._warm_up()
         self.scheduler.start()
+
+    def _warm_up(self) -> None:
+        """Pay before the first request for what is built on first use: the tokenizer's matchers (~0.27 s on the
+        embedded vocabulary) and the scheduler's slot pool and decoder binding (see `Scheduler.warm_up`)."""
+        for parse_special in (True, False):
+            self.tokenizer.encode("warm up", parse_special=parse_special)
+        self.scheduler.warm_up()
 
     def check_length(self, prompt_tokens: int, max_tokens: int | None, what: str) -> int:
         """The max_tokens to use; 400 `context_length_exceeded` when prompt + output cannot fit one slot."""

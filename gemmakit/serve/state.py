@@ -6,6 +6,7 @@ show loading progress while clients already get a clear "loading" answer.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -50,6 +51,10 @@ class ServeState:
         self.moderator, self.moderation_missing = (None, moderator) if isinstance(moderator, str) else (moderator, None)
         self.guard = build_guard(self.moderator, self.options, lock) if self.moderator is not None else None
         self.backend = Backend(gemma, self.options)
+        # The model, tokenizer and libraries are hundreds of thousands of objects that live as long as the server:
+        # moved out of the collector's reach, its full collections walk only what requests create (they took ~2%
+        # of a decode step's time in the scheduler thread).
+        gc.freeze()
         self.ready = True
         log.info("ready: %s (%d slots, context %d)", self.options.model_name, self.options.slots,
                  self.backend.context)

@@ -108,6 +108,20 @@ def test_a_cancelled_request_frees_its_row_for_the_next(models):
     assert scheduler.stats()["busy_slots"] == 0
 
 
+def test_warm_up_leaves_no_trace(models):
+    """What the server runs before its first request: afterwards no row is busy, the prefix cache is empty, the
+    step count is 0, and a request decodes as on a fresh scheduler."""
+    model = models["gemma3"]
+    scheduler = Scheduler(model, slots=2)
+    scheduler.warm_up()
+    assert scheduler.stats() == dict(busy_slots=0, queue_length=0, slots=2, prefix_hits=0, prefix_cached_tokens=0,
+                                     prefix_cache_bytes=0, steps=0)
+    request = Request(prompt(70, 9), max_new_tokens=12)
+    handle = scheduler.submit(request)
+    scheduler.run_until_done([handle])
+    assert handle.tokens == alone(model, request)
+
+
 @pytest.mark.parametrize("family", ["gemma", "gemma3"])
 def test_prefix_cache_hit_gives_the_cold_run_logprobs(models, family):
     """A shared 27-token prefix (past the window) is restored from the snapshot at 24 (chunks of 8): the second
