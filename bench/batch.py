@@ -1,6 +1,9 @@
 """Continuous batching on the embedded Gemma 3 270M: aggregate decode speed with 1, 4, 8 and 16 concurrent
 requests arriving staggered, a newcomer's time to first token while 7 streams run, and the prefix cache's savings
-on a 4-turn chat. Not CI: figures depend on the machine; quote them with the command that made them.
+on a 4-turn chat. gemmakit's aggregate counts every output token from the first submission to the last token
+(prompt prefills and the staggered arrivals included); llama.cpp's is given both ways: its decode steps alone
+(prompts prefilled before the clock starts), and with its one-batch prefill of all prompts counted too.
+Not CI: figures depend on the machine; quote them with the command that made them.
 
     .venv/bin/python bench/batch.py --threads 2 [--tokens 128]
 
@@ -126,18 +129,22 @@ class LlamaBatch:
         self.ll.llama_model_free(self.model)
 
 
-def llama_concurrent(path: str, prompt_ids: list[list[int]], tokens: int, threads: int) -> float:
-    """Aggregate decode tok/s of len(prompt_ids) sequences decoded together (prompts prefilled first)."""
+def llama_concurrent(path: str, prompt_ids: list[list[int]], tokens: int, threads: int) -> tuple[float, float]:
+    """len(prompt_ids) sequences decoded together: aggregate output tok/s counting the decode steps only, and
+    counting the prompts' prefill too (all prompts in one batch first, then `tokens` each: what gemmakit's figure
+    counts, except that gemmakit's requests arrive staggered)."""
     n = len(prompt_ids)
     peer = LlamaBatch(path, n, max(map(len, prompt_ids)) + tokens + 8, threads)
     try:
+        begin = time.perf_counter()
         chosen = peer.decode([(t, j, s, j == len(p) - 1) for s, p in enumerate(prompt_ids) for j, t in enumerate(p)])
         pos = [len(p) for p in prompt_ids]
         start = time.perf_counter()
         for _ in range(tokens - 1):
             chosen = peer.decode([(chosen[s], pos[s], s, True) for s in range(n)])
             pos = [q + 1 for q in pos]
-        return n * (tokens - 1) / (time.perf_counter() - start)
+        end = time.perf_counter()
+        return n * (tokens - 1) / (end - start), n * tokens / (end - begin)
     finally:
         peer.close()
 
@@ -179,12 +186,12 @@ def main() -> None:
         peer_path = None
     print(f"decoder: {model.decoder_choice.name} ({model.decoder_choice.reason}); threads {args.threads}")
     model.generate_ids([prompts(model, 1)[0]], 16)  # warm up (native build, caches)
-    print("| concurrent | gemmakit aggregate tok/s | per stream | TTFT p50 ms | llama.cpp aggregate tok/s | ratio |\n"
-          "|---|---|---|---|---|---|")
+    print("| concurrent | gemmakit aggregate tok/s | per stream | TTFT p50 ms | llama.cpp decode only | ratio "
+          "| llama.cpp with prefill | ratio |\n|---|---|---|---|---|---|---|---|")
     for n in map(int, args.concurrency.split(",")):
         r = run_concurrent(model, n, args.tokens, args.stagger)
         peer = llama_concurrent(peer_path, prompts(model, n), args.tokens, args.threads) if peer_path else None
-        peer_text = f"{peer:.1f} | {r['tok_s'] / peer:.2f}x" if peer else "- | -"
+        peer_text = " | ".join(f"{p:.1f} | {r['tok_s'] / p:.2f}x" for p in peer) if peer else "- | - | - | -"
         print(f"| {n} | {r['tok_s']:.1f} | {r['per_stream']:.1f} | {r['ttft_p50_ms']:.0f} | {peer_text} |", flush=True)
     ours = newcomer_ttft(model, 7, 200)
     theirs = llama_newcomer_ttft(peer_path, prompts(model, 8), args.threads) if peer_path else None
