@@ -269,8 +269,8 @@ class Scheduler:
     def warm_up(self) -> None:
         """Run one short greedy request to the end in this thread, so that the first real request does not pay
         for what happens once (the slot pool's allocation, the decoder's binding to it, first calls into the
-        libraries: 0.3 s of the first request's time to first token on the 270M). Leaves no trace: its row is
-        emptied and nothing enters the prefix cache (a prompt shorter than a chunk is never saved)."""
+        libraries). Leaves no trace: its row is emptied, the step count restarts at 0 and nothing enters the
+        prefix cache (a prompt shorter than a chunk is never saved)."""
         handle = self.submit(Request([self.config.bos_id] * min(2, self.chunk), max_new_tokens=2))
         self.run_until_done([handle])
         self.steps = 0
