@@ -66,10 +66,14 @@ def describe_load(model, dtype_arg: str, float_reason: str | None = None) -> str
     """Which path a loaded model runs, read from its weights (so it is true whatever chose it), and why."""
     import torch
 
+    from gemmakit.blocks import BlockLinear
+
     tensors = list(model.module.state_dict().values())
     quantised = any(t.dtype in (torch.int8, torch.uint8) for t in tensors)
     activations = str(model.module.dtype).removeprefix("torch.")
-    path = (f"quantised int8 weights, {activations} activations" if quantised
+    blocks = sorted({m.type_name for m in model.module.modules() if isinstance(m, BlockLinear)})
+    weights = f"the file's own {'/'.join(blocks)} blocks and int8" if blocks else "int8"
+    path = (f"quantised weights ({weights}), {activations} activations" if quantised
             else f"{activations} weights and activations, unquantised")
     if dtype_arg == "auto":
         why = "gemmakit.load()'s default" + ("; --dtype float32 is the exact reference path" if quantised else "")
