@@ -10,7 +10,7 @@ from memory; "hot" repeats one matrix (cache-resident, where the L3 holds it).
 
     .venv/bin/python bench/block_kernels.py [--threads 2] [--calls 300] [--pool-mb 384] [--rows 1 4 8 64 512]
 
-Why --rows: with M activation rows each weight block is unpacked once for up to 4 rows (block_dot_rows), so the
+Why --rows: with M activation rows each weight block is unpacked once for up to 8 rows (block_dot_run), so the
 kernels turn from memory-bound (M = 1) to compute-bound (a prompt's hundreds of rows); GMAC/s (M * rows * cols
 multiply-adds per second) compares them across M. Shapes there: [9216, 2304] Q4_K and Q6_K (Gemma 2 2B's gate/up),
 [6912, 1152] Q5_0 and Q8_0 (Gemma 3 1B's gate/up as a Q4_K_M file's legacy-type layers would be).

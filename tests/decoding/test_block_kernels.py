@@ -227,8 +227,8 @@ def test_batch_and_thread_invariance(name: str) -> None:
 @pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
 @pytest.mark.parametrize("name", list(TYPES))
 def test_multi_row_kernels_equal_one_row_calls(name: str, scalar: bool) -> None:
-    """block_dot_rows unpacks each weight block once for up to 4 activation rows; every m = 1..9 (so every count
-    1..4 and the chunks of 4 after them) gives bitwise the results of one-row calls (block_dot alone). The width
+    """The kernels unpack each weight block once for up to 8 activation rows; every m = 1..9 (so every count 1..8
+    and a chunk of 8 and 1 after it) gives bitwise the results of one-row calls. The width
     leaves a legacy type 25 blocks (3 groups of 8 and a tail block), a K-quant 3 super-blocks."""
     rng = np.random.default_rng(500 + TYPES[name])
     rows, cols = 23, 800 if GGML_QUANT_SIZES[qtype(name)][0] == 32 else 768

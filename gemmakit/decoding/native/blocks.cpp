@@ -24,40 +24,29 @@ int matvec(int64_t type, const uint8_t* w, int64_t rows, int64_t cols, const flo
   const int64_t row_bytes = block_row_bytes(type, cols);
   if (row_bytes < 0 || cols % kActBlock != 0 || rows < 0 || m < 0) return -1;
   if (rows == 0 || m == 0) return 0;
-  const int64_t nb = cols / kActBlock;
-  std::vector<int8_t> q(static_cast<size_t>(m * cols));
-  std::vector<float> d(static_cast<size_t>(m * nb));
-  std::vector<int32_t> sums(static_cast<size_t>(m * nb));
+  ActRows acts;
+  acts.reserve(m, cols);
 #pragma omp parallel num_threads(std::max(threads, 1))
   {
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < m; ++i)
-      quantize_act(x + i * cols, cols, q.data() + i * cols, d.data() + i * nb, sums.data() + i * nb);
+    for (int64_t i = 0; i < m; ++i) acts.quantize(x, i);
     // Runs of weight rows small enough to stay in L2 (about 128 KB) while every activation row passes over them,
     // so a long prompt's activations (m x cols bytes, megabytes) are streamed once per run, not once per row.
     // (and at least four runs a thread, so a small matrix still keeps every thread busy)
     const int64_t per_thread = (rows + 4 * threads - 1) / (4 * std::max(threads, 1));
     const int64_t run = std::max<int64_t>(1, std::min<int64_t>((128 << 10) / row_bytes, per_thread));
+    std::vector<float> out(scalar ? m : 0);
 #pragma omp for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += run) {
       const int64_t r1 = std::min(rows, r0 + run);
-      // activation rows kMaxRows at a time: each weight block is unpacked once for all of them
-      for (int64_t i0 = 0; i0 < m; i0 += kMaxRows) {
-        const int count = static_cast<int>(std::min<int64_t>(kMaxRows, m - i0));
-        ActRow acts[kMaxRows];
-        for (int j = 0; j < count; ++j) {
-          const int64_t i = i0 + j;
-          acts[j] = {q.data() + i * cols, d.data() + i * nb, sums.data() + i * nb};
-        }
-        if (!scalar) {
-          block_dot_run(type, w + r0 * row_bytes, row_bytes, r1 - r0, acts, count, cols, y + i0 * rows + r0, rows);
-          continue;
-        }
-        for (int64_t r = r0; r < r1; ++r) {
-          float out[kMaxRows];
-          block_dot_scalar_rows(type, w + r * row_bytes, acts, count, cols, out);
-          for (int j = 0; j < count; ++j) y[(i0 + j) * rows + r] = out[j];
-        }
+      if (!scalar) {
+        block_dot_run(type, w + r0 * row_bytes, row_bytes, r1 - r0, acts.rows.data(), static_cast<int>(m), cols,
+                      y + r0, rows);
+        continue;
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        block_dot_scalar_rows(type, w + r * row_bytes, acts.rows.data(), static_cast<int>(m), cols, out.data());
+        for (int64_t i = 0; i < m; ++i) y[i * rows + r] = out[i];
       }
     }
   }
@@ -70,9 +59,9 @@ extern "C" {
 
 // y [m, rows] = x [m, cols] W^T for W [rows, cols] stored as ggml blocks of `type`, rows of block_row_bytes each.
 // Each activation row is quantised once; runs of rows of W (about 128 KB each) are split among the threads, and
-// each run is dotted with all m activation rows (4 at a time, block_dot_run) while it is in L2. Every y value is
-// bitwise block_dot of its own weight row and activation row, so it is the same whatever m or the thread count. Returns 0, or -1 for an
-// unsupported type or cols that are not whole blocks.
+// each run is dotted with all m activation rows (kMaxRows at a time, block_dot_run) while it is in L2. Every y value
+// is bitwise that of its own weight row and activation row alone, so it is the same whatever m or the thread count.
+// Returns 0, or -1 for an unsupported type or cols that are not whole blocks.
 int gk_block_matvec(int64_t type, const uint8_t* w, int64_t rows, int64_t cols, const float* x, int64_t m, float* y,
                     int threads) {
   return matvec(type, w, rows, cols, x, m, y, threads, false);

@@ -150,6 +150,29 @@ void quantize_act(const float* x, int64_t k, int8_t* q, float* d, int32_t* sums)
   }
 }
 
+// Activation rows rounded for the block kernels: codes [rows, k], per-32 scales and code sums, and each row's view
+// (what the kernels take: `rows.data()` for any number of them).
+struct ActRows {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> sums;
+  std::vector<ActRow> rows;
+  int64_t k = 0;
+  void reserve(int64_t count, int64_t width) {
+    k = width;
+    q.resize(count * width);
+    d.resize(count * width / kActBlock);
+    sums.resize(count * width / kActBlock);
+    rows.resize(count);
+    for (int64_t i = 0; i < count; ++i)
+      rows[i] = {q.data() + i * k, d.data() + i * (k / kActBlock), sums.data() + i * (k / kActBlock)};
+  }
+  // round row i of x [count, k]
+  void quantize(const float* x, int64_t i) {
+    quantize_act(x + i * k, k, q.data() + i * k, d.data() + i * (k / kActBlock), sums.data() + i * (k / kActBlock));
+  }
+};
+
 // Q4_K/Q5_K's twelve scale bytes -> out[0..8) the six-bit scales, out[8..16) the six-bit mins (ggml's
 // get_scale_min_k4 for all eight sub-blocks at once, on 32-bit words).
 inline void k4_scales(const uint8_t* packed, uint8_t out[16]) {
@@ -173,9 +196,8 @@ inline void prefetch_bytes(const uint8_t* p, int64_t bytes) {
 #endif
 }
 
-// Activation rows a weight row is dotted with per call of block_dot_rows: each weight block's codes and scales are
-// unpacked once for all of them. Why 4: past that the per-row work (a multiply-add per 64 values) dominates the
-// shared unpacking, and 4 rows' accumulators still fit the registers.
+// Activation rows a weight row is dotted with per kernel call: each weight block's codes and scales are unpacked
+// once for all of them. 8 against 4, in one process on the 270M's step: equal at 4 and 16 rows, 2.5% faster at 8.
 constexpr int kMaxRows = 8;
 
 // --- scalar reference: the same integers as the vector path -------------------------------------------------------
@@ -228,7 +250,7 @@ inline void decode_codes(int64_t type, const uint8_t* blk, int32_t* out) {
 }
 
 // out[r] = the row against xs[r], r < count (any count): each block decoded once for all rows; per row the same
-// float operations in the same order whatever count is, so out[r] is block_dot_scalar(type, row, xs[r], k) bitwise.
+// float operations in the same order whatever count is, so out[r] is bitwise that of a one-row call.
 void block_dot_scalar_rows(int64_t type, const uint8_t* row, const ActRow* xs, int count, int64_t k, float* out) {
   for (; count > kMaxRows; count -= kMaxRows, xs += kMaxRows, out += kMaxRows)
     block_dot_scalar_rows(type, row, xs, kMaxRows, k, out);
@@ -281,12 +303,6 @@ void block_dot_scalar_rows(int64_t type, const uint8_t* row, const ActRow* xs, i
   for (int r = 0; r < count; ++r) out[r] = sum[r];
 }
 
-float block_dot_scalar(int64_t type, const uint8_t* row, const ActRow& x, int64_t k) {
-  float out;
-  block_dot_scalar_rows(type, row, &x, 1, k, &out);
-  return out;
-}
-
 // --- AVX512-VNNI path ----------------------------------------------------------------------------------------------
 // vpdpbusd multiplies unsigned weight codes by signed activations, four products into each int32 lane, exactly;
 // each lane (a partial sum over 4 values) is converted to fp32 and multiplied into a float accumulator by its
@@ -298,7 +314,7 @@ float block_dot_scalar(int64_t type, const uint8_t* row, const ActRow& x, int64_
 // test's bound relies on it).
 // Each kernel is a template on N, the number of activation rows (1..kMaxRows): a weight block's codes, its scales
 // and the lane permutations are computed once and used for the N rows, each row with its own accumulators and the
-// same float operations in the same order as N = 1 (block_dot is the N = 1 instance), so a row's result does not
+// same float operations in the same order as N = 1 (the one-row instance), so a row's result does not
 // depend on the rows it shares a call with. Measured on one Zen 4 core, m = 1: Q4_K streams 11-14 GB/s of its own
 // bytes from memory, Q6_K 16-17, gemmakit's int8 kernel 8-10 (bench/block_kernels.py; --rows for M rows).
 #if GK_BLOCKS_VNNI
@@ -613,7 +629,7 @@ void dot_run(int64_t ggml_type, const uint8_t* w, int64_t row_bytes, int64_t nro
 
 // y[r * y_stride + n] = sum_i w_n[i] * xs[r][i] for the nrows weight rows w_n (stored as ggml blocks, row_bytes
 // apart from w) and the `count` quantised activation rows xs[r] (any count; kMaxRows at a time, each weight block
-// unpacked once for them); 0 for an unsupported type. Each value is bitwise block_dot(type, w_n, xs[r], k): the
+// unpacked once for them); 0 for an unsupported type. Each value is bitwise that of a one-row call: the
 // batch a row is computed in never changes its result. (The run of weight rows is a loop inside the kernels'
 // dispatch: a call per weight row costs 5-15% at a decode step's row widths, measured.)
 void block_dot_run(int64_t ggml_type, const uint8_t* w, int64_t row_bytes, int64_t nrows, const ActRow* xs, int count,
@@ -644,18 +660,6 @@ void block_dot_run(int64_t ggml_type, const uint8_t* w, int64_t row_bytes, int64
     }
   }
 #endif
-}
-
-// out[r] = one weight row against xs[r], r < count: block_dot_run for one row.
-inline void block_dot_rows(int64_t ggml_type, const uint8_t* row, const ActRow* xs, int count, int64_t k, float* out) {
-  block_dot_run(ggml_type, row, 0, 1, xs, count, k, out, 1);
-}
-
-// sum_i w[i] * x[i] for one weight row stored as ggml blocks and one quantised activation row (0 if unsupported).
-float block_dot(int64_t ggml_type, const uint8_t* row, const ActRow& x, int64_t k) {
-  float out;
-  block_dot_rows(ggml_type, row, &x, 1, k, &out);
-  return out;
 }
 
 }  // namespace

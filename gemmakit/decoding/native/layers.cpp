@@ -15,29 +15,10 @@
 namespace gk {
 namespace {
 // --- matrix-vector products over a layer's matrices, whatever their format ---------------------------------------
-// Activation rows rounded to int8 for the block kernels: codes [rows, k], per-32 scales and code sums.
-struct ActRows {
-  std::vector<int8_t> q;
-  std::vector<float> d;
-  std::vector<int32_t> sums;
-  int64_t k = 0;
-  void reserve(int64_t rows, int64_t width) {
-    k = width;
-    q.resize(rows * width);
-    d.resize(rows * width / kActBlock);
-    sums.resize(rows * width / kActBlock);
-  }
-  ActRow row(int64_t m) const {
-    return {q.data() + m * k, d.data() + m * (k / kActBlock), sums.data() + m * (k / kActBlock)};
-  }
-};
-
 // Round the rows of x [rows, k] for the block kernels (called by every thread of the region).
 void quantize_rows(const float* x, int64_t rows, ActRows& out) {
 #pragma omp for schedule(static)
-  for (int64_t b = 0; b < rows; ++b)
-    quantize_act(x + b * out.k, out.k, out.q.data() + b * out.k, out.d.data() + b * (out.k / kActBlock),
-                 out.sums.data() + b * (out.k / kActBlock));
+  for (int64_t b = 0; b < rows; ++b) out.quantize(x, b);
 }
 
 // One product y [batch, rows] = x [batch, cols] W^T of a layer; `xq` is x rounded (used by block matrices).
@@ -57,15 +38,9 @@ void job_row(const Job& job, int64_t n, int64_t batch) {
     one_row(mv, n, batch);
     return;
   }
+  // y[m * rows + n] for every activation row m, each bitwise what the row gives alone
   const uint8_t* row = static_cast<const uint8_t*>(w.data) + n * block_row_bytes(w.type, job.cols);
-  for (int64_t m = 0; m < batch; m += kMaxRows) {  // each block unpacked once for up to 4 activation rows
-    const int count = static_cast<int>(std::min<int64_t>(kMaxRows, batch - m));
-    ActRow xs[kMaxRows];
-    for (int j = 0; j < count; ++j) xs[j] = job.xq->row(m + j);
-    float out[kMaxRows];
-    block_dot_rows(w.type, row, xs, count, job.cols, out);  // bitwise block_dot of each row alone
-    for (int j = 0; j < count; ++j) job.y[(m + j) * job.rows + n] = out[j];
-  }
+  block_dot_run(w.type, row, 0, 1, job.xq->rows.data(), static_cast<int>(batch), job.cols, job.y + n, job.rows);
 }
 
 // The rows of a layer's products shared among the team's threads (common.h's share_rows).
