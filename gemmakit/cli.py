@@ -66,14 +66,14 @@ def describe_load(model, dtype_arg: str, float_reason: str | None = None) -> str
     """Which path a loaded model runs, read from its weights (so it is true whatever chose it), and why."""
     import torch
 
-    from gemmakit.blocks import BlockLinear
+    from gemmakit.decoding.native import layer_formats
 
     tensors = list(model.module.state_dict().values())
     quantised = any(t.dtype in (torch.int8, torch.uint8) for t in tensors)
     activations = str(model.module.dtype).removeprefix("torch.")
-    blocks = sorted({m.type_name for m in model.module.modules() if isinstance(m, BlockLinear)})
-    weights = f"the file's own {'/'.join(blocks)} blocks and int8" if blocks else "int8"
-    path = (f"quantised weights ({weights}), {activations} activations" if quantised
+    formats = layer_formats(model.module)  # "int8", or a GGUF's own block types ("Q4_K/Q6_K/..."), or ""
+    layers = f" (layers {formats})" if formats else ""
+    path = (f"quantised weights{layers}, {activations} activations" if quantised
             else f"{activations} weights and activations, unquantised")
     if dtype_arg == "auto":
         why = "gemmakit.load()'s default" + ("; --dtype float32 is the exact reference path" if quantised else "")

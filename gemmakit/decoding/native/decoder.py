@@ -58,7 +58,8 @@ def supports(model: Transformer) -> bool:
 
 
 def layer_formats(model: Transformer) -> str:
-    """The layer linears' formats, e.g. "int8" or "Q4_K/Q5_0/Q6_K/Q8_0" (for the decoder choice's reason)."""
+    """The layer linears' formats, e.g. "int8" or "Q4_K/Q5_0/Q6_K/Q8_0" ("" when none is int8 or blocks): what the
+    decoder choice's reason and the CLI's load line name."""
     names = {lin.type_name if isinstance(lin, BlockLinear) else "int8"
              for block in model.model.layers for lin in block.modules() if isinstance(lin, (Int8Linear, BlockLinear))}
     return "/".join(sorted(names))
