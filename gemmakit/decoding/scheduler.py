@@ -217,7 +217,7 @@ class Scheduler:
         if slots < 1 or prefill_chunk < 1:
             raise InputError(f"slots and prefill_chunk must be >= 1, got {slots} and {prefill_chunk}")
         self.module, self.decoder, self.eager = module, decoder, EagerDecoder(module)
-        self.config = module.config
+        self.config, self.device = module.config, module.device  # (the device property walks the embedding)
         self.context = min(context or 4096, self.config.max_position)
         self.slots_count, self.chunk, self.max_queue = slots, prefill_chunk, max_queue
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -351,12 +351,12 @@ class Scheduler:
     def _start(self, handle: RequestHandle, row: int) -> None:
         if self._slots is None:
             self._slots = SlotCache(self.config, self.slots_count, self.context, self.module.dtype,
-                                    self.module.device)
+                                    self.device)
         self._slots.reset(row)
         seed = handle.request.sampling.seed
         generator = None
         if not handle.request.sampling.greedy:
-            generator = torch.Generator(device=self.module.device)
+            generator = torch.Generator(device=self.device)
             generator.manual_seed(seed if seed is not None else torch.seed())
         active = _Active(handle, row, generator)
         if handle.request.max_new_tokens == 0:
@@ -385,7 +385,7 @@ class Scheduler:
             return
         prompt = active.request.prompt
         end = min(len(prompt), (active.fed // self.chunk + 1) * self.chunk)
-        ids = torch.tensor([list(prompt[active.fed:end])], dtype=torch.long, device=self.module.device)
+        ids = torch.tensor([list(prompt[active.fed:end])], dtype=torch.long, device=self.device)
         decoder = self._decoder()
         h = decoder.prefill(ids, self._slots.view(active.row))
         active.fed = end
@@ -403,7 +403,7 @@ class Scheduler:
                 rows.append(active)
         if not rows:
             return
-        ids = torch.tensor([a.last for a in rows], dtype=torch.long, device=self.module.device)
+        ids = torch.tensor([a.last for a in rows], dtype=torch.long, device=self.device)
         decoder = self._decoder()
         slot_rows = [a.row for a in rows]
         if decoder.rows_independent and not any(a.request.needs_logits for a in rows):

@@ -342,10 +342,10 @@ class NativeDecoder(StepDecoder):
     # --- plumbing ---------------------------------------------------------------------------------------------------
     @staticmethod
     def _times(slots: SlotCache, rows: Sequence[int]) -> torch.Tensor:
-        times = torch.tensor([slots.length(row) for row in rows], dtype=torch.long)
-        if int(times.max()) >= slots.capacity:
+        lengths = [slots.length(row) for row in rows]
+        if max(lengths) >= slots.capacity:
             raise InputError(f"a slot's KV cache is full ({slots.capacity} positions)")
-        return times
+        return torch.tensor(lengths, dtype=torch.long)
 
     def _fused(self, binding: _Binding, ids: torch.Tensor, rows: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
         n = ids.shape[0]
