@@ -36,8 +36,8 @@ def native_decoder(model: torch.nn.Module) -> native.NativeDecoder:
     return decoder
 
 
-def tiny(family: str, directory) -> torch.nn.Module:
-    save_hf_model(family, directory)
+def tiny(family: str, directory, **overrides) -> torch.nn.Module:
+    save_hf_model(family, directory, **overrides)
     return build_model(hf.read_config(directory), hf.read_state_dict(directory), torch.float32, directory).eval()
 
 
@@ -51,12 +51,21 @@ def dequantized_reference(quantized: torch.nn.Module, fp32: torch.nn.Module) -> 
     return fp32
 
 
-@pytest.mark.parametrize(("family", "prompt", "pad"), [("gemma", PROMPT, 3), ("gemma2", PROMPT, 3),
-                                                     ("gemma3", PROMPT, 3), ("gemma3", 100, 40)])
-def test_native_step_equals_fp32_dequantized_model(family, prompt, pad, tmp_path):
-    """The last case attends over 100+ keys in global layers: several key chunks, the first of them all
-    padding for row 0 (a chunk with no visible key), merged exactly."""
-    model = quantize_model(tiny(family, tmp_path), "int8")
+# head shapes for the attention's register kernels (head_dim a multiple of 64; query heads per kv head in fours,
+# then the rest): 1, 2, 3, 4 and 4 + 4 query heads a kv head
+WIDE_HEADS = [dict(head_dim=64, num_attention_heads=h, num_key_value_heads=kv, query_pre_attn_scalar=64,
+                   hidden_size=96 if h == 6 else 64)  # (Gemma 3's config wants hidden_size a multiple of heads)
+              for h, kv in ((2, 2), (4, 2), (6, 2), (4, 1), (8, 1))]
+
+
+@pytest.mark.parametrize(("family", "prompt", "pad", "heads"), [
+    ("gemma", PROMPT, 3, {}), ("gemma2", PROMPT, 3, {}), ("gemma3", PROMPT, 3, {}), ("gemma3", 100, 40, {}),
+    *[("gemma2" if i % 2 else "gemma3", 70, 5, shape) for i, shape in enumerate(WIDE_HEADS)]])
+def test_native_step_equals_fp32_dequantized_model(family, prompt, pad, heads, tmp_path):
+    """The fourth case attends over 100+ keys in global layers: several key chunks, the first of them all
+    padding for row 0 (a chunk with no visible key), merged exactly. The `WIDE_HEADS` cases take the register
+    kernels of a head_dim that is a multiple of 64 (the others the plain loops)."""
+    model = quantize_model(tiny(family, tmp_path, **heads), "int8")
     reference = dequantized_reference(model, build_model(hf.read_config(tmp_path), hf.read_state_dict(tmp_path),
                                                          torch.float32, tmp_path).eval())
     assert native.supports(model)

@@ -14,30 +14,34 @@ WINDOW = 8
 VOCAB = 512
 
 
-def hf_config(family: str):
-    """A transformers config for a tiny model of one generation (sequences of 40 tokens pass the window)."""
+def hf_config(family: str, **overrides):
+    """A transformers config for a tiny model of one generation (sequences of 40 tokens pass the window);
+    `overrides` change its fields (e.g. head_dim and head counts, for kernels that only take some shapes)."""
     from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, head_dim=16,
                   max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     if family == "gemma":
-        return GemmaConfig(**common, num_hidden_layers=3, num_key_value_heads=1)
+        fields = dict(common, num_hidden_layers=3, num_key_value_heads=1)
+        return GemmaConfig(**(fields | overrides))
     if family == "gemma2":
-        return Gemma2Config(**common, num_hidden_layers=4, num_key_value_heads=2, sliding_window=WINDOW,
-                            query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
-    return Gemma3TextConfig(
-        **common, num_hidden_layers=7, num_key_value_heads=2, sliding_window=WINDOW, query_pre_attn_scalar=24,
+        fields = dict(common, num_hidden_layers=4, num_key_value_heads=2, sliding_window=WINDOW,
+                      query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+        return Gemma2Config(**(fields | overrides))
+    fields = dict(
+        common, num_hidden_layers=7, num_key_value_heads=2, sliding_window=WINDOW, query_pre_attn_scalar=24,
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}},
     )
+    return Gemma3TextConfig(**(fields | overrides))
 
 
-def hf_model(family: str, seed: int = 0):
+def hf_model(family: str, seed: int = 0, **overrides):
     """A transformers causal LM with random weights, eager attention, fp32."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = hf_config(family)
+    config = hf_config(family, **overrides)
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
     with torch.no_grad():
@@ -47,8 +51,8 @@ def hf_model(family: str, seed: int = 0):
     return model
 
 
-def save_hf_model(family: str, directory: Path, seed: int = 0):
-    model = hf_model(family, seed)
+def save_hf_model(family: str, directory: Path, seed: int = 0, **overrides):
+    model = hf_model(family, seed, **overrides)
     model.save_pretrained(directory)
     return model
 
