@@ -20,6 +20,7 @@ Peers (skipped, with a note, when absent):
 - `python -m llama_cpp.server` (pip install 'llama-cpp-python[server]'), with --llama-cpp-python; it serves one
   request at a time.
 gemmakit runs as `gemmakit serve MODEL --slots C` with OMP_NUM_THREADS=THREADS. Each server runs alone.
+Every server gets one untimed 8-token request before its levels (first-use costs off the clock, for all alike).
 `--duration-cap` stops starting new levels once that many seconds have passed. Results: a markdown table on stdout
 and bench/results/serve-<time>.json.
 """
@@ -194,6 +195,8 @@ def bench_server(name: str, cmd_for, levels: list[int], args, bias: dict[str, in
             print(f"[{name}: duration cap reached, skipping levels {group}]", file=sys.stderr)
             continue
         with Server(name, cmd_for(max(group)), env) as server:
+            # one untimed request first: each server's first-use costs (buffers, caches) stay off the clock
+            asyncio.run(run_level(server, args.model_name, 1, 1, 8, bias))
             for c in group:
                 if time.monotonic() > deadline:
                     break
