@@ -17,7 +17,7 @@ from gemmakit.quant import Int4Linear, Int8Linear
 from gemmakit.weights.gguf_quants import BLOCK_SIZES, type_name
 
 # ggml type ids the block kernels (blocks.h) compute with
-BLOCK_KERNEL_TYPES = frozenset(BLOCK_TYPES.values())  # the ggml types blocks.h computes with
+BLOCK_KERNEL_TYPES = frozenset(BLOCK_TYPES.values())
 
 
 def int8_matvec(lin: Int8Linear, x: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:

@@ -77,61 +77,62 @@ inline bool visible(const GkModel& m, int64_t row, int64_t time, int64_t now) {
   return time >= m.pad[row] || time == now;
 }
 
+// Scores of up to 4 query heads q [G, d] against one key: out[j] = q_j . key. With AVX-512 and a head_dim that is
+// a multiple of 64 (every Gemma's: 128 or 256), the key is read once for all of them (a kv head serves `groups`
+// query heads); otherwise one `dot` per head.
+template <int G>
+void dot_heads(const float* q, int64_t d, const float* key, float* out) {
 #if defined(__AVX512F__)
-// Scores of up to 4 query heads q [G, d] against one key: out[j] = q_j . key. The key is read once for all of
-// them (a kv head serves `groups` query heads); d a multiple of 16.
-template <int G>
-void dot_heads(const float* q, int64_t d, const float* key, float* out) {
-  __m512 acc[G];
-  for (int j = 0; j < G; ++j) acc[j] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < d; i += 16) {
-    const __m512 k = _mm512_loadu_ps(key + i);
-    for (int j = 0; j < G; ++j) acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * d + i), k, acc[j]);
-  }
-  for (int j = 0; j < G; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
-}
-
-// out_j = sum_i w[j * n + i] * values[slots[i]] for up to 4 query heads (out_j at out + j * stride), 64 values of
-// the head at a time in registers: each value is read once for all the heads and the outputs are written once
-// (one axpy per key and head read and wrote the whole output each time). d a multiple of 64.
-template <int G>
-void weighted_values(const float* w, int64_t n, const float* values, const int64_t* slots, int64_t d, float* out,
-                     int64_t stride) {
-  for (int64_t t = 0; t < d; t += 64) {
-    __m512 acc[G][4];
-    for (int j = 0; j < G; ++j)
-      for (int c = 0; c < 4; ++c) acc[j][c] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; ++i) {
-      const float* v = values + slots[i] * d + t;
-      const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
-                   v3 = _mm512_loadu_ps(v + 48);
-      for (int j = 0; j < G; ++j) {
-        const __m512 s = _mm512_set1_ps(w[j * n + i]);
-        acc[j][0] = _mm512_fmadd_ps(s, v0, acc[j][0]);
-        acc[j][1] = _mm512_fmadd_ps(s, v1, acc[j][1]);
-        acc[j][2] = _mm512_fmadd_ps(s, v2, acc[j][2]);
-        acc[j][3] = _mm512_fmadd_ps(s, v3, acc[j][3]);
-      }
+  if (d % 64 == 0) {
+    __m512 acc[G];
+    for (int j = 0; j < G; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __m512 k = _mm512_loadu_ps(key + i);
+      for (int j = 0; j < G; ++j) acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * d + i), k, acc[j]);
     }
-    for (int j = 0; j < G; ++j)
-      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + j * stride + t + 16 * c, acc[j][c]);
+    for (int j = 0; j < G; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
+    return;
   }
-}
-#else
-template <int G>
-void dot_heads(const float* q, int64_t d, const float* key, float* out) {
+#endif
   for (int j = 0; j < G; ++j) out[j] = dot(q + j * d, key, d);
 }
 
+// out_j = sum_i w[j * n + i] * values[slots[i]] for up to 4 query heads (out_j at out + j * stride). With AVX-512
+// and a head_dim that is a multiple of 64, 64 values of the head at a time in registers: each value is read once
+// for all the heads and the outputs are written once; otherwise one axpy per key and head (each reading and
+// writing the whole output).
 template <int G>
 void weighted_values(const float* w, int64_t n, const float* values, const int64_t* slots, int64_t d, float* out,
                      int64_t stride) {
+#if defined(__AVX512F__)
+  if (d % 64 == 0) {
+    for (int64_t t = 0; t < d; t += 64) {
+      __m512 acc[G][4];
+      for (int j = 0; j < G; ++j)
+        for (int c = 0; c < 4; ++c) acc[j][c] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; ++i) {
+        const float* v = values + slots[i] * d + t;
+        const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
+                     v3 = _mm512_loadu_ps(v + 48);
+        for (int j = 0; j < G; ++j) {
+          const __m512 s = _mm512_set1_ps(w[j * n + i]);
+          acc[j][0] = _mm512_fmadd_ps(s, v0, acc[j][0]);
+          acc[j][1] = _mm512_fmadd_ps(s, v1, acc[j][1]);
+          acc[j][2] = _mm512_fmadd_ps(s, v2, acc[j][2]);
+          acc[j][3] = _mm512_fmadd_ps(s, v3, acc[j][3]);
+        }
+      }
+      for (int j = 0; j < G; ++j)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + j * stride + t + 16 * c, acc[j][c]);
+    }
+    return;
+  }
+#endif
   for (int j = 0; j < G; ++j) {
     std::memset(out + j * stride, 0, sizeof(float) * d);
     for (int64_t i = 0; i < n; ++i) axpy(w[j * n + i], values + slots[i] * d, out + j * stride, d);
   }
 }
-#endif
 
 // The query heads j0 .. j0 + G of a kv head (G <= 4) through `kernel`<G>: one instance per count, so the
 // accumulators stay in registers.
@@ -162,17 +163,12 @@ void attend_chunk(const GkModel& m, const GkLayer& layer, int64_t row, int64_t k
     if (visible(m, row, layer.sliding ? ring_times[s] : s, now)) slots.push_back(s);
   const int64_t n = static_cast<int64_t>(slots.size());
   scores.resize(groups * n);
-  const bool wide = d % 64 == 0;  // the register kernels' shapes (every Gemma's head_dim: 128 or 256)
   float score[4];
   for (int64_t i = 0; i < n; ++i) {
     const float* key = keys + slots[i] * d;
     by_fours(groups, [&](auto g, int64_t j0) {
       constexpr int G = decltype(g)::value;
-      if (wide) {
-        dot_heads<G>(q + j0 * d, d, key, score);
-      } else {
-        for (int j = 0; j < G; ++j) score[j] = dot(q + (j0 + j) * d, key, d);
-      }
+      dot_heads<G>(q + j0 * d, d, key, score);
       for (int j = 0; j < G; ++j) {
         float s = score[j] * m.scale;
         if (m.attn_softcap > 0) s = std::tanh(s / m.attn_softcap) * m.attn_softcap;
@@ -187,16 +183,10 @@ void attend_chunk(const GkModel& m, const GkLayer& layer, int64_t row, int64_t k
     part[j * (d + 2)] = largest;
     part[j * (d + 2) + 1] = exp_shifted(row, n, largest);  // 0 for an empty chunk
   }
-  if (wide) {
-    by_fours(groups, [&](auto g, int64_t j0) {
-      weighted_values<decltype(g)::value>(scores.data() + j0 * n, n, values, slots.data(), d,
-                                          part + j0 * (d + 2) + 2, d + 2);
-    });
-    return;
-  }
-  for (int64_t j = 0; j < groups; ++j) std::memset(part + j * (d + 2) + 2, 0, sizeof(float) * d);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < groups; ++j) axpy(scores[j * n + i], values + slots[i] * d, part + j * (d + 2) + 2, d);
+  by_fours(groups, [&](auto g, int64_t j0) {
+    weighted_values<decltype(g)::value>(scores.data() + j0 * n, n, values, slots.data(), d, part + j0 * (d + 2) + 2,
+                                        d + 2);
+  });
 }
 
 // softmax(scores) @ values for query head j from the chunks' partial results [chunks, groups, 2 + head_dim].
