@@ -228,18 +228,22 @@ def test_batch_and_thread_invariance(name: str) -> None:
 @pytest.mark.parametrize("name", list(TYPES))
 def test_multi_row_kernels_equal_one_row_calls(name: str, scalar: bool) -> None:
     """The kernels unpack each weight block once for up to 8 activation rows; every m = 1..9 (so every count 1..8
-    and a chunk of 8 and 1 after it) gives bitwise the results of one-row calls. The width
-    leaves a legacy type 25 blocks (3 groups of 8 and a tail block), a K-quant 3 super-blocks."""
+    and a chunk of 8 and 1 after it) gives bitwise the results of one-row calls. The widths leave a legacy type
+    whole groups of 8 blocks and a last group of 1, 4 (a 640-wide row), 6 or 7 blocks (an odd count splits a pair
+    in the multi-row kernel); a K-quant 3 super-blocks."""
     rng = np.random.default_rng(500 + TYPES[name])
-    rows, cols = 23, 800 if GGML_QUANT_SIZES[qtype(name)][0] == 32 else 768
-    blocks = torch.from_numpy(random_blocks(name, rows, cols, rng))
-    x = torch.from_numpy(random_activations(9, cols, rng))
-    alone = torch.cat([kernels.block_matvec(TYPES[name], blocks, x[i:i + 1], scalar=scalar) for i in range(9)])
-    assert torch.isfinite(alone).all() and alone.abs().max() > 0
-    for m in range(1, 10):
-        batch = kernels.block_matvec(TYPES[name], blocks, x[:m], scalar=scalar)
-        same = batch.view(torch.int32) == alone[:m].view(torch.int32)
-        assert same.all(), f"{name}, m = {m}: {int((~same).sum())} of {same.numel()} values differ from one-row calls"
+    legacy = GGML_QUANT_SIZES[qtype(name)][0] == 32
+    for cols in (800, 640, 704, 736) if legacy else (768,):
+        rows = 23
+        blocks = torch.from_numpy(random_blocks(name, rows, cols, rng))
+        x = torch.from_numpy(random_activations(9, cols, rng))
+        alone = torch.cat([kernels.block_matvec(TYPES[name], blocks, x[i:i + 1], scalar=scalar) for i in range(9)])
+        assert torch.isfinite(alone).all() and alone.abs().max() > 0
+        for m in range(1, 10):
+            batch = kernels.block_matvec(TYPES[name], blocks, x[:m], scalar=scalar)
+            same = batch.view(torch.int32) == alone[:m].view(torch.int32)
+            assert same.all(), (f"{name}, {cols} wide, m = {m}: {int((~same).sum())} of {same.numel()} values differ "
+                                "from one-row calls")
 
 
 def test_bad_inputs_raise() -> None:

@@ -41,11 +41,14 @@ namespace {
 
 constexpr int64_t kActBlock = 32;  // activations are quantised in blocks of 32 values
 
-// One activation row quantised: q[k] int8, d[k/32] fp32 scales (x ~= d * q), sums[k/32] = sum of the 32 q's.
+// One activation row quantised: q[k] int8, d[k/32] fp32 scales (x ~= d * q), sums[k/32] = sum of the 32 q's, and
+// offset_lanes[k/32][8] = {-8 sums, -8 sums, 0, ...}: the lanes a legacy kernel's vpdpbusd starts from, so that the
+// codes' offset (16 for Q5_0: both lanes; 8 for Q4_0: lane 0) is taken off in the exact integers (see dot_legacy).
 struct ActRow {
   const int8_t* q;
   const float* d;
   const int32_t* sums;
+  const int32_t* offset_lanes;
 };
 
 constexpr int64_t kQ4_0 = 2, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
@@ -150,26 +153,32 @@ void quantize_act(const float* x, int64_t k, int8_t* q, float* d, int32_t* sums)
   }
 }
 
-// Activation rows rounded for the block kernels: codes [rows, k], per-32 scales and code sums, and each row's view
-// (what the kernels take: `rows.data()` for any number of them).
+// Activation rows rounded for the block kernels: codes [rows, k], per-32 scales, code sums and offset lanes, and
+// each row's view (what the kernels take: `rows.data()` for any number of them).
 struct ActRows {
   std::vector<int8_t> q;
   std::vector<float> d;
-  std::vector<int32_t> sums;
+  std::vector<int32_t> sums, offset_lanes;
   std::vector<ActRow> rows;
   int64_t k = 0;
   void reserve(int64_t count, int64_t width) {
     k = width;
+    const int64_t nb = width / kActBlock;
     q.resize(count * width);
-    d.resize(count * width / kActBlock);
-    sums.resize(count * width / kActBlock);
+    d.resize(count * nb);
+    sums.resize(count * nb);
+    offset_lanes.assign(count * nb * 8, 0);
     rows.resize(count);
     for (int64_t i = 0; i < count; ++i)
-      rows[i] = {q.data() + i * k, d.data() + i * (k / kActBlock), sums.data() + i * (k / kActBlock)};
+      rows[i] = {q.data() + i * k, d.data() + i * nb, sums.data() + i * nb, offset_lanes.data() + i * nb * 8};
   }
   // round row i of x [count, k]
   void quantize(const float* x, int64_t i) {
-    quantize_act(x + i * k, k, q.data() + i * k, d.data() + i * (k / kActBlock), sums.data() + i * (k / kActBlock));
+    const int64_t nb = k / kActBlock;
+    int32_t* s = sums.data() + i * nb;
+    quantize_act(x + i * k, k, q.data() + i * k, d.data() + i * nb, s);
+    int32_t* lanes = offset_lanes.data() + i * nb * 8;
+    for (int64_t b = 0; b < nb; ++b) lanes[8 * b] = lanes[8 * b + 1] = -8 * s[b];
   }
 };
 
@@ -374,10 +383,14 @@ struct LegacyCodes {
 
 // Q8_0, Q4_0, Q5_0: eight blocks at a time, their factors d_w * d_x in one vector per row. Each int32 lane of a block
 // is an exact partial sum over 4 values, converted to fp32 and multiplied into a float accumulator by its block's
-// factor (no horizontal sum per block). Q8_0's lanes are sums of q x (|q| against x with q's sign); Q4_0's and Q5_0's
+// factor (no horizontal sum per block). Q8_0's lanes are sums of q x (|q| against x with q's sign). Q4_0's and Q5_0's
 // are sums of the unsigned codes' products q x, and the offset's share, offset * d_w * d_x * sum(x codes), is taken
 // off once at the end from per-block sums accumulated in fp32 (one multiply-add per 8 blocks and row, from the
-// activation rows' block sums), which spares a second vpdpbusd or a sign flip per block and row.
+// activation rows' block sums), which spares a second vpdpbusd or a sign flip per block and row. A row's last
+// blocks after its groups of 8 (a 640-wide row has 4) instead start their vpdpbusd from the activation row's offset
+// lanes, -offset * sum(x codes) spread over one or two lanes, so their lanes sum to sum((q - offset) x) exactly: a
+// scalar correction per block and row there cost the 270M's fused step 2-4% at 8 rows (in one process), and starting
+// every block so costs the one-row loop a load a block (Q5_0 [6912, 1152] 1.04x slower).
 // One row: 256-bit vectors, one block each (two blocks per 512-bit vector measured slower there on Zen 4: the joins
 // and 512-bit masks cost more than they save where 512-bit operations issue as two 256-bit halves). Several rows:
 // two blocks per 512-bit vector, the even block in the low half, so the low half of its accumulator is the even
@@ -389,19 +402,25 @@ void dot_legacy(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
   constexpr float offset = kType == kQ4_0 ? 8.0f : 16.0f;
   const int64_t nb = k / 32;
   __m256 acc[N][2], corr[N];  // corr: lane j, the offset's share of block j of each group of 8
-  float tail_corr[N];         // the offset's share of the blocks after the last whole group of 8
-  for (int r = 0; r < N; ++r) {
-    acc[r][0] = acc[r][1] = corr[r] = _mm256_setzero_ps();
-    tail_corr[r] = 0.0f;
-  }
-  // lanes of one block's (or, 512 bits, two blocks') products with activations x: q x exactly
-  auto lanes = [](const __m256i& codes, const __m256i& sign_from, __m256i x) {
-    if constexpr (kOffset) return _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, x);
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, _mm256_sign_epi8(x, sign_from));
+  for (int r = 0; r < N; ++r) acc[r][0] = acc[r][1] = corr[r] = _mm256_setzero_ps();
+  // Lanes of one block's (or, 512 bits, two blocks') products with the activations from block b on: q x, or with
+  // `exact`, (q - offset) x.
+  auto lanes = [](const __m256i& codes, const __m256i& sign_from, const ActRow& x, int64_t b, bool exact) {
+    const __m256i xv = load256(x.q + 32 * b);
+    if constexpr (!kOffset) return _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, _mm256_sign_epi8(xv, sign_from));
+    const __m256i start = !exact ? _mm256_setzero_si256()
+                          : kType == kQ5_0 ? load256(x.offset_lanes + 8 * b)
+                                           : _mm256_maskz_loadu_epi32(0x01, x.offset_lanes + 8 * b);
+    return _mm256_dpbusd_epi32(start, codes, xv);
   };
-  auto lanes2 = [](const __m512i& codes, __mmask64 negative, __m512i x) {
-    if constexpr (kOffset) return _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, x);
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x));
+  auto lanes2 = [](const __m512i& codes, __mmask64 negative, const ActRow& x, int64_t b, bool exact) {
+    const __m512i xv = _mm512_loadu_si512(x.q + 32 * b);
+    if constexpr (!kOffset)
+      return _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv));
+    const __m512i start = !exact ? _mm512_setzero_si512()
+                          : kType == kQ5_0 ? _mm512_loadu_si512(x.offset_lanes + 8 * b)
+                                           : _mm512_maskz_loadu_epi32(0x0101, x.offset_lanes + 8 * b);
+    return _mm512_dpbusd_epi32(start, codes, xv);
   };
   auto negative_of = [](const LegacyCodes<kType>& even, const LegacyCodes<kType>& odd) -> __mmask64 {
     if constexpr (kOffset) return 0;
@@ -427,26 +446,20 @@ void dot_legacy(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
         const __mmask64 negative = negative_of(even, odd);
         const __m512i index = pair_index(j, j + 1);
         for (int r = 0; r < N; ++r) {
-          const __m512i p = lanes2(codes, negative, _mm512_loadu_si512(xs[r].q + 32 * (b + j)));
+          const __m512i p = lanes2(codes, negative, xs[r], b + j, false);
           acc2[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(index, f[r]), acc2[r]);
         }
       }
     }
-    for (; b + 2 <= nb; b += 2) {  // the rest in pairs (a 640-wide row's 20 blocks leave 4 here)
+    for (; b + 2 <= nb; b += 2) {  // the last blocks in pairs
       const uint8_t* blk = row + bytes * b;
       const LegacyCodes<kType> even(blk), odd(blk + bytes);
       const __m512i codes = join(even.codes, odd.codes);
       const __mmask64 negative = negative_of(even, odd);
       const float d0 = half_to_float(blk), d1 = half_to_float(blk + bytes);
       for (int r = 0; r < N; ++r) {
-        const float f0 = d0 * xs[r].d[b], f1 = d1 * xs[r].d[b + 1];
-        const __m512i p = lanes2(codes, negative, _mm512_loadu_si512(xs[r].q + 32 * b));
-        acc2[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_insertf32x8(_mm512_set1_ps(f0), _mm256_set1_ps(f1), 1),
-                                  acc2[r]);
-        if constexpr (kOffset) {
-          tail_corr[r] += static_cast<float>(xs[r].sums[b]) * f0;
-          tail_corr[r] += static_cast<float>(xs[r].sums[b + 1]) * f1;
-        }
+        const __m512 f = _mm512_insertf32x8(_mm512_set1_ps(d0 * xs[r].d[b]), _mm256_set1_ps(d1 * xs[r].d[b + 1]), 1);
+        acc2[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes2(codes, negative, xs[r], b, true)), f, acc2[r]);
       }
     }
     for (int r = 0; r < N; ++r) {
@@ -466,25 +479,23 @@ void dot_legacy(const uint8_t* row, const ActRow* xs, int64_t k, float* out) {
     for (int j = 0; j < 8; ++j) {
       const LegacyCodes<kType> w(blk + bytes * j);
       for (int r = 0; r < N; ++r) {
-        const __m256i p = lanes(w.codes, w.sign_from, load256(xs[r].q + 32 * (b + j)));
+        const __m256i p = lanes(w.codes, w.sign_from, xs[r], b + j, false);
         acc[r][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), broadcast_lane(f[r], j), acc[r][j & 1]);
       }
     }
   }
-  for (; b < nb; ++b) {
+  for (; b < nb; ++b) {  // the last blocks one at a time
     const uint8_t* blk = row + bytes * b;
     const LegacyCodes<kType> w(blk);
     const float d = half_to_float(blk);
     for (int r = 0; r < N; ++r) {
-      const float f = d * xs[r].d[b];
-      const __m256i p = lanes(w.codes, w.sign_from, load256(xs[r].q + 32 * b));
-      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f), acc[r][b & 1]);
-      if constexpr (kOffset) tail_corr[r] += static_cast<float>(xs[r].sums[b]) * f;
+      const __m256i p = lanes(w.codes, w.sign_from, xs[r], b, true);
+      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xs[r].d[b]), acc[r][b & 1]);
     }
   }
   for (int r = 0; r < N; ++r) {
     out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-    if constexpr (kOffset) out[r] -= offset * (hsum(corr[r]) + tail_corr[r]);
+    if constexpr (kOffset) out[r] -= offset * hsum(corr[r]);
   }
 }
 

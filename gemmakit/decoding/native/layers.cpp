@@ -31,21 +31,22 @@ struct Job {
   float* y;
 };
 
-// Row n of the job's matrix against every activation row: one sequential read of the row either way.
-void job_row(const Job& job, int64_t n, int64_t batch) {
+// Rows [n0, n1) of the job's matrix against every activation row: one sequential read of the rows either way.
+void job_rows(const Job& job, int64_t n0, int64_t n1, int64_t batch) {
   const GkMatrix& w = *job.w;
   if (w.type == kInt8Rows) {
     const MatVec mv = {static_cast<const int8_t*>(w.data), w.scales, job.rows, job.cols, job.x, job.y};
-    one_row(mv, n, batch);
+    for (int64_t n = n0; n < n1; ++n) one_row(mv, n, batch);
     return;
   }
   // y[m * rows + n] for every activation row m, each bitwise what the row gives alone
-  const uint8_t* row = static_cast<const uint8_t*>(w.data) + n * block_row_bytes(w.type, job.cols);
-  block_dot_run(w.type, row, 0, 1, job.xq->rows.data(), static_cast<int>(batch), job.cols, job.y + n, job.rows);
+  const int64_t row_bytes = block_row_bytes(w.type, job.cols);
+  block_dot_run(w.type, static_cast<const uint8_t*>(w.data) + n0 * row_bytes, row_bytes, n1 - n0,
+                job.xq->rows.data(), static_cast<int>(batch), job.cols, job.y + n0, job.rows);
 }
 
 // The rows of a layer's products shared among the team's threads (common.h's share_rows).
-void layer_matvecs(const Job* jobs, int count, int64_t batch) { share_rows(jobs, count, batch, job_row); }
+void layer_matvecs(const Job* jobs, int count, int64_t batch) { share_rows(jobs, count, batch, job_rows); }
 
 // Whether any of the layer's matrices is stored as blocks (its inputs must then be rounded first).
 inline bool has_blocks(const GkLayer& L) {
