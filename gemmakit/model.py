@@ -140,17 +140,31 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, inputs: LayerInputs, cache: KVCache | None,
                 plan: StepPlan | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self._norm_rope(self.q_proj(x), self.num_heads, self.q_norm, inputs)
+        k = self._norm_rope(self.k_proj(x), self.num_kv_heads, self.k_norm, inputs)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, inputs.cos, inputs.signed_sin), apply_rope(k, inputs.cos, inputs.signed_sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, plan)
         out = self._attend(q, k, v, inputs.mask)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(_through(self.attn_out, out))
+
+    def _norm_rope(self, x: torch.Tensor, heads: int, norm: RMSNorm | None, inputs: LayerInputs) -> torch.Tensor:
+        """A projection's output [B, T, heads * head_dim] -> [B, heads, T, head_dim], q/k-normed (Gemma 3) and
+        roped. A bf16 prompt on the CPU takes one native pass (kernels.bf16_norm_rope) for torch's ten."""
+        b, t, _ = x.shape
+        if inputs.cos.shape[0] == b and inputs.cos.shape[2] == t:
+            from gemmakit.decoding.native import kernels
+
+            if kernels.fused_bf16_usable(x):
+                mult = None if norm is None else norm.multiplier()
+                eps = 0.0 if norm is None else norm.eps
+                y = kernels.bf16_norm_rope(x, heads, mult, eps, inputs.cos, inputs.signed_sin)
+                return y.view(b, t, heads, self.head_dim).transpose(1, 2)
+        y = x.view(b, t, heads, self.head_dim).transpose(1, 2)
+        if norm is not None:
+            y = norm(y)
+        return apply_rope(y, inputs.cos, inputs.signed_sin)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         reduced_cpu = q.dtype != torch.float32 and q.device.type == "cpu"  # see gemmakit.cpu_attention for why
@@ -183,7 +197,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        from gemmakit.decoding.native import kernels
+
+        if kernels.fused_bf16_usable(gate) and up.shape == gate.shape:  # one native pass for a bf16 CPU prompt
+            return self.down_proj(kernels.bf16_geglu(gate, up))
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Block(nn.Module):

@@ -154,6 +154,16 @@ void add_branch(float* h, float* branch, const float* norm, float eps, int64_t n
   for (int64_t i = 0; i < n; ++i) h[i] += branch[i];
 }
 
+// x * cos + roll(x, d/2) * signed_sin, in place, for one head
+void rope(float* x, const float* cos, const float* sin, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    float lo = x[i], hi = x[i + half];
+    x[i] = lo * cos[i] + hi * sin[i];
+    x[i + half] = hi * cos[i + half] + lo * sin[i + half];
+  }
+}
+
 // gelu_tanh(g) * u, written as g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3)) * u
 void geglu(const float* g, const float* u, float* out, int64_t n) {
   const float c = 2.0f * 0.7978845608028654f;

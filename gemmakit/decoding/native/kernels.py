@@ -104,3 +104,37 @@ def _checked_blocks(what: str, ggml_type: int, blocks: torch.Tensor):
         raise InputError(f"{what}: expected uint8 rows of whole {type_name(ggml_type)} blocks ({size} bytes "
                          f"each), got {blocks.dtype} {list(blocks.shape)}")
     return lib, blocks.shape[0], blocks.shape[1] // size * block
+
+
+def fused_bf16_usable(x: torch.Tensor) -> bool:
+    """Whether the eager forward may hand `x`'s elementwise steps to the native bf16 kernels (prompt.cpp): a
+    contiguous CPU bf16 tensor outside autograd and outside a torch.compile trace, with the library loaded.
+    Otherwise the torch ops run (the same functions, step by step)."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous()
+            and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
+            and library() is not None)
+
+
+def bf16_norm_rope(x: torch.Tensor, heads: int, mult: torch.Tensor | None, eps: float, cos: torch.Tensor,
+                   signed_sin: torch.Tensor) -> torch.Tensor:
+    """rope(bf16(rms_norm(x))) per head for x [..., T, heads * d] bf16: the norm's multiplier `mult` [d] (1 + w,
+    fp32; None: no norm), cos/signed_sin [..., T, d] fp32 one row per position of x. Returns x's shape, bf16."""
+    lib = library()
+    d = x.shape[-1] // heads
+    rows = x.numel() // (heads * d)
+    cos, signed_sin = cos.reshape(rows, d).contiguous(), signed_sin.reshape(rows, d).contiguous()
+    mult_ptr = None if mult is None else mult.contiguous().data_ptr()
+    out = torch.empty_like(x)
+    if lib.gk_bf16_norm_rope(x.data_ptr(), rows, heads, d, mult_ptr, eps, cos.data_ptr(), signed_sin.data_ptr(),
+                             out.data_ptr(), torch.get_num_threads()) != 0:
+        raise InputError(f"bf16_norm_rope: head size {d} is not even")
+    return out
+
+
+def bf16_geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """bf16(bf16(gelu_tanh(gate)) * up) for two bf16 tensors of one shape (what torch's gelu, then the product,
+    give in bf16)."""
+    out = torch.empty_like(gate)
+    library().gk_bf16_geglu(gate.data_ptr(), up.contiguous().data_ptr(), gate.numel(), out.data_ptr(),
+                            torch.get_num_threads())
+    return out

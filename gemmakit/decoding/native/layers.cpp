@@ -216,16 +216,6 @@ inline int64_t key_chunks(int64_t used, int64_t max_chunks) {
   return std::max<int64_t>(1, std::min<int64_t>(max_chunks, used / 32));
 }
 
-// x * cos + roll(x, d/2) * signed_sin, in place, for one head
-void rope(float* x, const float* cos, const float* sin, int64_t d) {
-  const int64_t half = d / 2;
-  for (int64_t i = 0; i < half; ++i) {
-    float lo = x[i], hi = x[i + half];
-    x[i] = lo * cos[i] + hi * sin[i];
-    x[i + half] = hi * cos[i + half] + lo * sin[i + half];
-  }
-}
-
 }  // namespace
 }  // namespace gk
 
