@@ -5,11 +5,12 @@ on a 4-turn chat. gemmakit's aggregate counts every output token from the first 
 (prompts prefilled before the clock starts), and with its one-batch prefill of all prompts counted too.
 Not CI: figures depend on the machine; quote them with the command that made them.
 
-    .venv/bin/python bench/batch.py --threads 2 [--tokens 128]
+    .venv/bin/python bench/batch.py --threads 2 [--tokens 128] [--rounds 3]
 
 Requests are greedy, 128 new tokens each (no stop), prompts of 20-60 tokens cut from ../shared/data (or a
 built-in text), one new request every `--stagger` steps until N have joined. Aggregate tok/s counts every
-output token from the first submission to the last token. llama.cpp's batched decoding is compared when
+output token from the first submission to the last token. Each level runs both sides `--rounds` times,
+alternating, and reports the medians. llama.cpp's batched decoding is compared when
 llama-cpp-python is installed (`make bench` builds it); otherwise only gemmakit's figures are printed.
 """
 
@@ -175,6 +176,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
     parser.add_argument("--stagger", type=int, default=2, help="decode steps between two arrivals")
     parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each side per level (medians)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = gemmakit.load("default")
@@ -189,8 +191,14 @@ def main() -> None:
     print("| concurrent | gemmakit aggregate tok/s | per stream | TTFT p50 ms | llama.cpp decode only | ratio "
           "| llama.cpp with prefill | ratio |\n|---|---|---|---|---|---|---|---|")
     for n in map(int, args.concurrency.split(",")):
-        r = run_concurrent(model, n, args.tokens, args.stagger)
-        peer = llama_concurrent(peer_path, prompts(model, n), args.tokens, args.threads) if peer_path else None
+        # alternating rounds, medians: one run of a few seconds on a shared host moves by 20%
+        ours, theirs = [], []
+        for _ in range(args.rounds):
+            ours.append(run_concurrent(model, n, args.tokens, args.stagger))
+            if peer_path:
+                theirs.append(llama_concurrent(peer_path, prompts(model, n), args.tokens, args.threads))
+        r = {key: statistics.median(o[key] for o in ours) for key in ours[0]}
+        peer = [statistics.median(t[i] for t in theirs) for i in range(2)] if theirs else None
         peer_text = " | ".join(f"{p:.1f} | {r['tok_s'] / p:.2f}x" for p in peer) if peer else "- | - | - | -"
         print(f"| {n} | {r['tok_s']:.1f} | {r['per_stream']:.1f} | {r['ttft_p50_ms']:.0f} | {peer_text} |", flush=True)
     ours = newcomer_ttft(model, 7, 200)
