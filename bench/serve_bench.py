@@ -79,6 +79,11 @@ class Level:
     itl_ms: list[float] = field(default_factory=list)
     outputs: dict[int, list[str]] = field(default_factory=dict)
     differ_from_alone: int | None = None
+    first_error: str | None = None  # what the first failed request said (printed to stderr)
+
+    def failed(self, what: str) -> None:
+        self.errors += 1
+        self.first_error = self.first_error or what[:300]
 
     def row(self) -> dict:
         def ms(v: float | None) -> str:
@@ -138,8 +143,7 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
-                await r.aread()
-                level.errors += 1
+                level.failed(f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')}")
                 return None
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -157,8 +161,8 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
                             level.itl_ms.append((now - last) * 1e3)
                         last = now
                         text.append(piece)
-    except Exception:  # noqa: BLE001 - a failed request is counted, the run goes on
-        level.errors += 1
+    except Exception as err:  # noqa: BLE001 - a failed request is counted, the run goes on
+        level.failed(f"{type(err).__name__}: {err}")
         return None
     level.requests += 1
     level.tokens += tokens or max_tokens
@@ -208,6 +212,9 @@ def bench_server(name: str, cmd_for, levels: list[int], args, bias: dict[str, in
                     level.differ_from_alone = sum(o != alone[i] for i, outs in level.outputs.items() if i in alone
                                                   for o in outs)
                 results.append(level)
+                if level.first_error:
+                    print(f"[{name}: concurrency {c}: {level.errors} failed, the first: {level.first_error}]",
+                          file=sys.stderr)
                 print("row: " + json.dumps(level.row()), flush=True)  # a run cut short still reports what it did
     return results
 
