@@ -41,6 +41,11 @@ class RMSNorm(nn.Module):
         return self._multiplier[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16:  # a bf16 prompt on the CPU: one native pass (kernels.bf16_rms_norm)
+            from gemmakit.decoding.native import kernels
+
+            if kernels.fused_bf16_usable(x, self.weight):
+                return kernels.bf16_rms_norm(x, self.multiplier(), self.eps)
         # torch's rms_norm computes x * rsqrt(mean(x^2) + eps) * weight: the same function in the same order
         # as the written-out form (bit-identical, checked by test_model), in far fewer ops
         y = F.rms_norm(x if x.dtype == torch.float32 else x.float(), (x.shape[-1],), self.multiplier(), self.eps)
@@ -156,7 +161,7 @@ class Attention(nn.Module):
         if inputs.cos.shape[0] == b and inputs.cos.shape[2] == t:
             from gemmakit.decoding.native import kernels
 
-            if kernels.fused_bf16_usable(x):
+            if kernels.fused_bf16_usable(x, None if norm is None else norm.weight):
                 mult = None if norm is None else norm.multiplier()
                 eps = 0.0 if norm is None else norm.eps
                 y = kernels.bf16_norm_rope(x, heads, mult, eps, inputs.cos, inputs.signed_sin)

@@ -1,8 +1,8 @@
 """The native bf16 passes of the eager forward (prompt.cpp) against the torch ops they stand in for.
 
-Rope alone is the same fp32 products and sum as torch's, so it must be bit-identical; with the q/k norm and in
-gelu the two differ only where torch's vectorised rsqrt/tanh and sum order round differently from the native
-ones, so results may differ by about one bf16 rounding of the intermediate, never more.
+Rope alone is the same fp32 products and sum as torch's, so it must be bit-identical; in the norms and in gelu
+the two differ only where torch's vectorised rsqrt/tanh and sum order round differently from the native ones,
+so results may differ by about one bf16 rounding of the intermediate, never more.
 """
 
 from __future__ import annotations
@@ -87,30 +87,53 @@ def test_geglu_within_one_rounding_of_exact_and_of_torch():
     assert (ours.double() == torch_ops)[kept].float().mean().item() > 0.9
 
 
+def test_rms_norm_within_one_rounding_of_torch():
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 11, 96, generator=g) * 4).bfloat16()
+    norm = RMSNorm(96, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96, generator=g) * 0.5)
+    with torch.inference_mode():
+        expected = F.rms_norm(x.float(), (96,), norm.multiplier(), norm.eps)  # torch's fp32 value, unrounded
+        ours = kernels.bf16_rms_norm(x, norm.multiplier(), norm.eps)
+        torch_bf16 = expected.bfloat16()
+    assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
+    assert ((ours.float() - expected).abs() <= 1.01 * ULP * expected.abs()).all()  # one rounding of the fp32 value
+    assert (ours == torch_bf16).float().mean().item() > 0.95
+    wrong = kernels.bf16_rms_norm(x, torch.ones(96), norm.eps)  # the weight left out: must fail the bound
+    assert not ((wrong.float() - expected).abs() <= 1.01 * ULP * expected.abs()).all()
+
+
 def test_usable_only_for_contiguous_cpu_bf16_outside_autograd():
     x = torch.zeros(2, 8, dtype=torch.bfloat16)
     assert kernels.fused_bf16_usable(x)
     assert not kernels.fused_bf16_usable(x.float())
     assert not kernels.fused_bf16_usable(x.t())
     assert not kernels.fused_bf16_usable(x.clone().requires_grad_(True))
+    weight = torch.zeros(8, requires_grad=True)  # a norm being trained: its gradient needs torch's ops
+    assert not kernels.fused_bf16_usable(x, weight)
+    with torch.no_grad():
+        assert kernels.fused_bf16_usable(x, weight)
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma3"])
 def test_bf16_forward_takes_the_native_passes_and_stays_close(family, tmp_path, monkeypatch):
-    """A bf16 model's eager forward runs the fused passes (q/k norm and rope, geglu) and gives the logits of the
-    torch ops within bf16 rounding."""
+    """A bf16 model's eager forward runs the fused passes (norms, q/k norm and rope, geglu) and gives the logits
+    of the torch ops within bf16 rounding."""
     save_hf_model(family, tmp_path)
     model = build_model(hf.read_config(tmp_path), hf.read_state_dict(tmp_path), torch.bfloat16, tmp_path)
     ids = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4))
     calls = []
-    for name in ("bf16_norm_rope", "bf16_geglu"):
+    for name in ("bf16_norm_rope", "bf16_geglu", "bf16_rms_norm"):
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     with torch.inference_mode():
         fused = model(ids).float()
         layers = model.config.num_layers
         assert calls.count("bf16_norm_rope") == 2 * layers and calls.count("bf16_geglu") == layers
-        monkeypatch.setattr(kernels, "fused_bf16_usable", lambda x: False)
+        norms = (4 if model.config.sandwich_norms else 2) * layers + 1  # the final norm too
+        assert calls.count("bf16_rms_norm") == norms
+        monkeypatch.setattr(kernels, "fused_bf16_usable", lambda *a: False)
         plain = model(ids).float()
     assert (fused - plain).abs().max().item() <= 0.05 * plain.abs().max().item()
     assert (fused.argmax(-1) == plain.argmax(-1)).float().mean().item() >= 0.9

@@ -106,13 +106,13 @@ def _checked_blocks(what: str, ggml_type: int, blocks: torch.Tensor):
     return lib, blocks.shape[0], blocks.shape[1] // size * block
 
 
-def fused_bf16_usable(x: torch.Tensor) -> bool:
-    """Whether the eager forward may hand `x`'s elementwise steps to the native bf16 kernels (prompt.cpp): a
-    contiguous CPU bf16 tensor outside autograd and outside a torch.compile trace, with the library loaded.
-    Otherwise the torch ops run (the same functions, step by step)."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous()
-            and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
-            and library() is not None)
+def fused_bf16_usable(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """Whether the eager forward may hand `x`'s elementwise steps (with a norm's `weight`) to the native bf16
+    kernels (prompt.cpp): a contiguous CPU bf16 tensor, no gradient wanted for it or the weight, outside a
+    torch.compile trace, with the library loaded. Otherwise the torch ops run (the same functions, step by step)."""
+    grads = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous() and not grads
+            and not torch.compiler.is_compiling() and library() is not None)
 
 
 def bf16_norm_rope(x: torch.Tensor, heads: int, mult: torch.Tensor | None, eps: float, cos: torch.Tensor,
@@ -128,6 +128,16 @@ def bf16_norm_rope(x: torch.Tensor, heads: int, mult: torch.Tensor | None, eps: 
     if lib.gk_bf16_norm_rope(x.data_ptr(), rows, heads, d, mult_ptr, eps, cos.data_ptr(), signed_sin.data_ptr(),
                              out.data_ptr(), torch.get_num_threads()) != 0:
         raise InputError(f"bf16_norm_rope: head size {d} is not even")
+    return out
+
+
+def bf16_rms_norm(x: torch.Tensor, mult: torch.Tensor, eps: float) -> torch.Tensor:
+    """bf16(rms_norm(x) * mult) over the last dimension of a bf16 x, in fp32 inside (what the eager RMSNorm
+    gives a bf16 input); `mult` [d] fp32 is 1 + w."""
+    out = torch.empty_like(x)
+    d = x.shape[-1]
+    library().gk_bf16_rms_norm(x.data_ptr(), x.numel() // d, d, mult.contiguous().data_ptr(), eps, out.data_ptr(),
+                               torch.get_num_threads())
     return out
 
 

@@ -1,9 +1,9 @@
 // Elementwise steps of the eager forward on bf16 tensors (a prompt's prefill on CPU), fused into one pass each.
 //
-// Why: torch runs q/k's RMSNorm and rope as about ten separate passes over [T, heads, head_dim] (conversions to
-// fp32 and back, squares, means, products, a roll, a sum), and gelu(gate) * up as two; on the 270M's 1024-token
-// prefill those passes were 15% of the time (ablation: the norms 50-70 ms, rope 30-50 ms, gelu 40-55 ms of about
-// 1 s, 2 threads). Here each row is read once and written once.
+// Why: torch runs an RMSNorm of bf16 rows as five passes (to fp32, squares, mean, two products, back to bf16),
+// q/k's norm and rope as about ten over [T, heads, head_dim], and gelu(gate) * up as two; on the 270M's 1024-token
+// prefill those passes were over 20% of the time (ablation, about 1 s, 2 threads: q/k norms 50-70 ms, rope 30-50
+// ms, gelu 40-55 ms, the four hidden-state norms a layer 88 ms). Here each row is read once and written once.
 //
 // Numerics follow the eager path's: values are fp32 between the bf16 input and output, and the places where torch
 // rounds to bf16 (after the norm, after gelu) round here too (to nearest, ties to even). What can differ is the
@@ -62,6 +62,21 @@ int gk_bf16_norm_rope(const uint16_t* x, int64_t rows, int64_t heads, int64_t d,
     }
   }
   return 0;
+}
+
+// out = bf16(rms_norm(x)) per row, for x [rows, d] bf16 and the norm's multiplier `mult` [d] (1 + w, fp32).
+void gk_bf16_rms_norm(const uint16_t* x, int64_t rows, int64_t d, const float* mult, float eps, uint16_t* out,
+                      int threads) {
+#pragma omp parallel num_threads(std::max(threads, 1))
+  {
+    std::vector<float> v(d);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < d; ++i) v[i] = bf16_to_float(x[r * d + i]);
+      rms_norm(v.data(), mult, eps, v.data(), d);
+      for (int64_t i = 0; i < d; ++i) out[r * d + i] = float_to_bf16(v[i]);
+    }
+  }
 }
 
 // out = bf16(bf16(gelu_tanh(gate)) * up) for n bf16 values.
