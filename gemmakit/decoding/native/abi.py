@@ -106,8 +106,6 @@ def bind_functions(lib: ctypes.CDLL) -> None:
     lib.gk_quantize_act.restype = None
     lib.gk_bf16_norm_rope.argtypes = [_ptr, _i64, _i64, _i64, _ptr, ctypes.c_float, _ptr, _ptr, _ptr, ctypes.c_int]
     lib.gk_bf16_norm_rope.restype = ctypes.c_int  # prompt.cpp
-    lib.gk_bf16_rms_norm.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _ptr, ctypes.c_int]
-    lib.gk_bf16_rms_norm.restype = None
     lib.gk_bf16_geglu.argtypes = [_ptr, _ptr, _i64, _ptr, ctypes.c_int]
     lib.gk_bf16_geglu.restype = None
     lib.gk_block_kernels_vnni.argtypes = []

@@ -115,30 +115,28 @@ def fused_bf16_usable(x: torch.Tensor, weight: torch.Tensor | None = None) -> bo
             and not torch.compiler.is_compiling() and library() is not None)
 
 
-def bf16_norm_rope(x: torch.Tensor, heads: int, mult: torch.Tensor | None, eps: float, cos: torch.Tensor,
-                   signed_sin: torch.Tensor) -> torch.Tensor:
+def bf16_norm_rope(x: torch.Tensor, heads: int, mult: torch.Tensor | None, eps: float, cos: torch.Tensor | None,
+                   signed_sin: torch.Tensor | None) -> torch.Tensor:
     """rope(bf16(rms_norm(x))) per head for x [..., T, heads * d] bf16: the norm's multiplier `mult` [d] (1 + w,
-    fp32; None: no norm), cos/signed_sin [..., T, d] fp32 one row per position of x. Returns x's shape, bf16."""
-    lib = library()
+    fp32; None: no norm), cos/signed_sin [..., T, d] fp32 one row per position of x (None: no rope). Returns x's
+    shape, bf16."""
     d = x.shape[-1] // heads
     rows = x.numel() // (heads * d)
-    cos, signed_sin = cos.reshape(rows, d).contiguous(), signed_sin.reshape(rows, d).contiguous()
-    mult_ptr = None if mult is None else mult.contiguous().data_ptr()
+    if cos is not None:
+        cos, signed_sin = cos.reshape(rows, d).contiguous(), signed_sin.reshape(rows, d).contiguous()
     out = torch.empty_like(x)
-    if lib.gk_bf16_norm_rope(x.data_ptr(), rows, heads, d, mult_ptr, eps, cos.data_ptr(), signed_sin.data_ptr(),
-                             out.data_ptr(), torch.get_num_threads()) != 0:
+    if library().gk_bf16_norm_rope(x.data_ptr(), rows, heads, d, None if mult is None else mult.contiguous().data_ptr(),
+                                   eps, None if cos is None else cos.data_ptr(),
+                                   None if signed_sin is None else signed_sin.data_ptr(), out.data_ptr(),
+                                   torch.get_num_threads()) != 0:
         raise InputError(f"bf16_norm_rope: head size {d} is not even")
     return out
 
 
 def bf16_rms_norm(x: torch.Tensor, mult: torch.Tensor, eps: float) -> torch.Tensor:
     """bf16(rms_norm(x) * mult) over the last dimension of a bf16 x, in fp32 inside (what the eager RMSNorm
-    gives a bf16 input); `mult` [d] fp32 is 1 + w."""
-    out = torch.empty_like(x)
-    d = x.shape[-1]
-    library().gk_bf16_rms_norm(x.data_ptr(), x.numel() // d, d, mult.contiguous().data_ptr(), eps, out.data_ptr(),
-                               torch.get_num_threads())
-    return out
+    gives a bf16 input); `mult` [d] fp32 is 1 + w. (bf16_norm_rope without rope: one head a row.)"""
+    return bf16_norm_rope(x, 1, mult, eps, None, None)
 
 
 def bf16_geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

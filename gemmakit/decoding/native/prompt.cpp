@@ -39,11 +39,11 @@ using namespace gk;
 extern "C" {
 
 // out = rope(bf16(norm(x))) per head, for x [rows, heads, d] bf16 (contiguous): norm is RMSNorm with multiplier
-// `mult` [d] (1 + w, fp32; null: no norm), rope uses row r's cos/sin [rows, d] (sin carrying rope's sign).
-// Returns -1 for an odd d.
+// `mult` [d] (1 + w, fp32; null: no norm), rope uses row r's cos/sin [rows, d] (sin carrying rope's sign; both
+// null: no rope, so heads = 1 is the plain RMSNorm of bf16 rows). Returns -1 for an odd d with rope.
 int gk_bf16_norm_rope(const uint16_t* x, int64_t rows, int64_t heads, int64_t d, const float* mult, float eps,
                       const float* cos, const float* sin, uint16_t* out, int threads) {
-  if (d <= 0 || d % 2 != 0) return -1;
+  if (d <= 0 || (cos != nullptr && d % 2 != 0)) return -1;
 #pragma omp parallel num_threads(std::max(threads, 1))
   {
     std::vector<float> v(d);
@@ -55,28 +55,12 @@ int gk_bf16_norm_rope(const uint16_t* x, int64_t rows, int64_t heads, int64_t d,
         rms_norm(v.data(), mult, eps, v.data(), d);
         for (int64_t i = 0; i < d; ++i) v[i] = bf16_round(v[i]);
       }
-      const int64_t r = t / heads;
-      rope(v.data(), cos + r * d, sin + r * d, d);
+      if (cos != nullptr) rope(v.data(), cos + t / heads * d, sin + t / heads * d, d);
       uint16_t* o = out + t * d;
       for (int64_t i = 0; i < d; ++i) o[i] = float_to_bf16(v[i]);
     }
   }
   return 0;
-}
-
-// out = bf16(rms_norm(x)) per row, for x [rows, d] bf16 and the norm's multiplier `mult` [d] (1 + w, fp32).
-void gk_bf16_rms_norm(const uint16_t* x, int64_t rows, int64_t d, const float* mult, float eps, uint16_t* out,
-                      int threads) {
-#pragma omp parallel num_threads(std::max(threads, 1))
-  {
-    std::vector<float> v(d);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t i = 0; i < d; ++i) v[i] = bf16_to_float(x[r * d + i]);
-      rms_norm(v.data(), mult, eps, v.data(), d);
-      for (int64_t i = 0; i < d; ++i) out[r * d + i] = float_to_bf16(v[i]);
-    }
-  }
 }
 
 // out = bf16(bf16(gelu_tanh(gate)) * up) for n bf16 values.
