@@ -7,7 +7,8 @@ block kernels (`gemmakit/decoding/native/blocks.h`): activations are rounded to 
 scale (the error bound is derived and tested in tests/decoding/test_block_kernels.py), the integer dot products
 are exact, and each output row is computed alone, so a row's result never depends on the batch it is in.
 A prompt of PROMPT_ROWS rows or more is compute-bound instead: the weight is decoded to bf16 by the native library
-and multiplied by torch's GEMM (bf16 activations, like int8 layers' prompts). Without the native library, or when
+(into the thread's reused buffer, gemmakit/scratch.py) and multiplied by torch's GEMM (bf16 activations, like int8
+layers' prompts). Without the native library, or when
 gradients are needed (salience), the weight is decoded to float.
 """
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmakit.scratch import weight_buffer
 from gemmakit.weights.gguf_quants import BLOCK_SIZES, dequantize, type_name
 from gemmakit.weights.raw import RawTensor
 
@@ -77,7 +79,8 @@ class BlockLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if not (torch.is_grad_enabled() and x.requires_grad) and kernels.has_block_kernels():
             if flat.shape[0] >= PROMPT_ROWS:  # compute-bound: decode the weight once, torch's bf16 GEMM
-                w = kernels.block_dequantize(self.ggml_type, self.weight_blocks, torch.bfloat16)
+                w = kernels.block_dequantize(self.ggml_type, self.weight_blocks, torch.bfloat16,
+                                             out=weight_buffer(self.out_features, self.in_features, torch.bfloat16))
                 y = F.linear(flat.to(torch.bfloat16), w)
             else:
                 y = kernels.block_matvec(self.ggml_type, self.weight_blocks, flat.float())

@@ -35,6 +35,7 @@ from gemmakit.decoding.sampling import top_indices
 from gemmakit.errors import InputError
 from gemmakit.memory import release_freed
 from gemmakit.ranker import Int3Ranker
+from gemmakit.scratch import weight_buffer
 from gemmakit.weights.raw import RawTensor
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -179,7 +180,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = _flat(x, self.scales.dtype)
         if a.shape[0] >= DENSE_ROWS:
-            y = F.linear(a, self.weight_int8.to(a.dtype)) * self.scales
+            if torch.is_grad_enabled() and a.requires_grad:  # autograd keeps the weight: a tensor of its own
+                w = self.weight_int8.to(a.dtype)
+            else:
+                w = weight_buffer(self.out_features, self.in_features, a.dtype).copy_(self.weight_int8)
+            y = F.linear(a, w) * self.scales
         else:
             y = torch.ops.aten._weight_int8pack_mm(a, self.weight_int8, self.scales)
         return y.view(*x.shape[:-1], self.out_features)

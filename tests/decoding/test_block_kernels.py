@@ -187,6 +187,21 @@ def test_wrong_weights_fail_the_bound(name: str) -> None:
     assert failed.mean() > 0.5, f"{name}: only {failed.mean():.0%} of products notice a negated scale"
 
 
+@pytest.mark.parametrize("name", TYPES)
+def test_dequantize_is_gguf_dequantize(name: str) -> None:
+    """The prompt path's decoded weights (dequant.cpp): gguf's values exactly in fp32, and those values rounded to
+    nearest-even bf16, also when decoded into a given tensor."""
+    blocks = random_blocks(name, 48, 512, np.random.default_rng(11))
+    expected = torch.from_numpy(quants.dequantize(blocks, qtype(name)))
+    stored = torch.from_numpy(blocks)
+    assert torch.equal(kernels.block_dequantize(TYPES[name], stored, torch.float32), expected)
+    out = torch.full((48, 512), 3.0, dtype=torch.bfloat16)
+    assert kernels.block_dequantize(TYPES[name], stored, torch.bfloat16, out=out) is out
+    assert torch.equal(out, expected.to(torch.bfloat16))
+    with pytest.raises(InputError, match="out must be"):
+        kernels.block_dequantize(TYPES[name], stored, torch.bfloat16, out=out[:, :256])
+
+
 def test_quantize_act_matches_numpy() -> None:
     rng = np.random.default_rng(7)
     x = random_activations(1, 4096, rng)[0]

@@ -152,3 +152,22 @@ def test_a_prompt_through_a_block_linear_is_the_bf16_product():
         scale = exact.abs().max().item()
         assert (got - exact).abs().max().item() <= 0.02 * scale, rows
         assert lin(x).dtype == torch.float32  # the output keeps the activations' dtype
+
+
+def test_prompt_products_in_turn_each_use_their_own_weight():
+    """Prompt products decode their weights into one reused buffer per thread (gemmakit/scratch.py): a smaller
+    weight after a larger one, and the larger again, each give exactly the product with their own decoded weight."""
+    from gguf import GGMLQuantizationType, quants
+
+    from gemmakit.blocks import PROMPT_ROWS
+
+    gen = torch.Generator().manual_seed(5)
+    linears = []
+    for out_features in (192, 64):
+        raw = quants.quantize((torch.randn(out_features, 256, generator=gen) * 0.1).numpy(), GGMLQuantizationType.Q8_0)
+        linears.append(BlockLinear(torch.from_numpy(np.ascontiguousarray(raw)), BLOCK_TYPES["Q8_0"]))
+    x = torch.randn(PROMPT_ROWS, 256, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        for lin in linears + linears[:1]:
+            expected = torch.nn.functional.linear(x, lin.dequantized(torch.bfloat16))
+            assert torch.equal(lin(x), expected), lin.out_features

@@ -9,36 +9,81 @@ using namespace gk;
 
 namespace {
 
+constexpr int kGroup = 16;  // values sharing one factor in every type (Q6_K's scale covers 16)
+
+// fp32 -> bf16 bits, rounded to nearest (ties to even), NaN kept quiet.
 inline uint16_t to_bf16(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // quiet NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
-// One block's values into out[0 .. values).
-void decode_block(int64_t type, const uint8_t* blk, float* out) {
-  int32_t codes[kSuper];
-  decode_codes(type, blk, codes);
+// Per group of 16 values, the factor and offset of w = factor * code - offset: legacy d and 0; Q6_K d * scale (the
+// product gguf-py forms first) and 0; Q4_K/Q5_K d * sc_j and dmin * m_j. Returns the number of groups (2 or 16).
+int block_factors(int64_t type, const uint8_t* blk, float* factor, float* offset) {
   if (type == kQ4_0 || type == kQ5_0 || type == kQ8_0) {
-    const float d = half_to_float(blk);
-    for (int j = 0; j < 32; ++j) out[j] = d * static_cast<float>(codes[j]);
-    return;
+    factor[0] = factor[1] = half_to_float(blk);
+    offset[0] = offset[1] = 0.0f;
+    return 2;
   }
   if (type == kQ6_K) {
     const float d = half_to_float(blk + 208);
     const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-    for (int j = 0; j < kSuper; ++j) out[j] = d * static_cast<float>(sc[j / 16]) * static_cast<float>(codes[j]);
-    return;
+    for (int g = 0; g < 16; ++g) {
+      factor[g] = d * static_cast<float>(sc[g]);
+      offset[g] = 0.0f;
+    }
+    return 16;
   }
   const float d = half_to_float(blk), dmin = half_to_float(blk + 2);
   uint8_t sm[16];
   k4_scales(blk + 4, sm);
-  for (int s = 0; s < 8; ++s) {
-    const float scale = d * static_cast<float>(sm[s]), low = dmin * static_cast<float>(sm[8 + s]);
-    for (int l = 0; l < 32; ++l) out[32 * s + l] = scale * static_cast<float>(codes[32 * s + l]) - low;
+  for (int g = 0; g < 16; ++g) {
+    factor[g] = d * static_cast<float>(sm[g / 2]);
+    offset[g] = dmin * static_cast<float>(sm[8 + g / 2]);
   }
+  return 16;
+}
+
+// dst = factor * codes - offset for one group of 16 values, as fp32 (dst32) or bf16 bits (dst16): the vector
+// rounding is to_bf16's, bit for bit.
+inline void store_group(const int32_t* codes, float factor, float offset, float* dst32, uint16_t* dst16) {
+#if defined(__AVX512F__)
+  const __m512 v = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(factor), _mm512_cvtepi32_ps(_mm512_loadu_si512(codes))),
+                                 _mm512_set1_ps(offset));
+  if (dst32 != nullptr) {
+    _mm512_storeu_ps(dst32, v);
+    return;
+  }
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i high = _mm512_srli_epi32(bits, 16);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i out = _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(high, _mm512_set1_epi32(0x40)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst16), _mm512_cvtepi32_epi16(out));
+#else
+  for (int j = 0; j < kGroup; ++j) {
+    const float v = factor * static_cast<float>(codes[j]) - offset;
+    if (dst32 != nullptr)
+      dst32[j] = v;
+    else
+      dst16[j] = to_bf16(v);
+  }
+#endif
+}
+
+// One block decoded into dst32 or dst16 (exactly one non-null).
+void decode_block(int64_t type, const uint8_t* blk, float* dst32, uint16_t* dst16) {
+  float factor[kSuper / kGroup], offset[kSuper / kGroup];
+  int32_t codes[kSuper];
+  const int groups = block_factors(type, blk, factor, offset);
+  decode_codes(type, blk, codes);
+  for (int g = 0; g < groups; ++g)
+    store_group(codes + kGroup * g, factor[g], offset[g], dst32 == nullptr ? nullptr : dst32 + kGroup * g,
+                dst16 == nullptr ? nullptr : dst16 + kGroup * g);
 }
 
 }  // namespace
@@ -54,18 +99,12 @@ int gk_block_dequantize(int64_t type, const uint8_t* w, int64_t rows, int64_t co
   int64_t values, bytes;
   block_shape(type, &values, &bytes);
 #pragma omp parallel for schedule(static) num_threads(std::max(threads, 1))
-  for (int64_t r = 0; r < rows; ++r) {
-    float block[kSuper];
+  for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = 0; b < cols / values; ++b) {
-      decode_block(type, w + r * row_bytes + b * bytes, block);
-      if (out_f32 != nullptr) {
-        std::memcpy(out_f32 + r * cols + b * values, block, sizeof(float) * values);
-      } else {
-        uint16_t* dst = out_bf16 + r * cols + b * values;
-        for (int64_t j = 0; j < values; ++j) dst[j] = to_bf16(block[j]);
-      }
+      const int64_t at = r * cols + b * values;
+      decode_block(type, w + r * row_bytes + b * bytes, out_f32 == nullptr ? nullptr : out_f32 + at,
+                   out_bf16 == nullptr ? nullptr : out_bf16 + at);
     }
-  }
   return 0;
 }
 

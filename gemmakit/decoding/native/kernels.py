@@ -76,13 +76,19 @@ def block_matvec(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, *, scala
     return y
 
 
-def block_dequantize(ggml_type: int, blocks: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def block_dequantize(ggml_type: int, blocks: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """The block matrix decoded to [rows, cols] fp32 or bf16 (rounded to nearest even) by the native library, as
-    gguf-py's `dequantize` defines the values: what a prompt's GEMM multiplies with (BlockLinear)."""
+    gguf-py's `dequantize` defines the values: what a prompt's GEMM multiplies with (BlockLinear). `out`, when
+    given, is a contiguous [rows, cols] tensor of `dtype` to decode into (a reused buffer: gemmakit/scratch.py)."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise InputError(f"block_dequantize: dtype must be float32 or bfloat16, got {dtype}")
     lib, rows, cols = _checked_blocks("block_dequantize", ggml_type, blocks)
-    out = torch.empty(rows, cols, dtype=dtype)
+    if out is None:
+        out = torch.empty(rows, cols, dtype=dtype)
+    elif out.shape != (rows, cols) or out.dtype != dtype or not out.is_contiguous():
+        raise InputError(f"block_dequantize: out must be a contiguous {dtype} [{rows}, {cols}] tensor, got "
+                         f"{out.dtype} {list(out.shape)}")
     f32, bf16 = (out.data_ptr(), None) if dtype == torch.float32 else (None, out.data_ptr())
     if lib.gk_block_dequantize(int(ggml_type), blocks.contiguous().data_ptr(), rows, cols, f32, bf16,
                                torch.get_num_threads()) != 0:
