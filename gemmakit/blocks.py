@@ -6,10 +6,11 @@ file stores them (a zero-copy view of its memory map, or of a converted file) an
 block kernels (`gemmakit/decoding/native/blocks.h`): activations are rounded to int8 in blocks of 32 with one fp32
 scale (the error bound is derived and tested in tests/decoding/test_block_kernels.py), the integer dot products
 are exact, and each output row is computed alone, so a row's result never depends on the batch it is in.
-A prompt of PROMPT_ROWS rows or more is compute-bound instead: the weight is decoded to bf16 by the native library
-(into the thread's reused buffer, gemmakit/scratch.py) and multiplied by torch's GEMM (bf16 activations, like int8
-layers' prompts). Without the native library, or when
-gradients are needed (salience), the weight is decoded to float.
+A prompt of PROMPT_ROWS rows or more is compute-bound instead: with AVX512-VNNI the native int8 GEMM multiplies the
+weight's own codes (gemm.cpp; activations rounded as above, outputs per row, so still batch-independent); Q6_K, or a
+build without VNNI, decodes the weight to bf16 (into the thread's reused buffer, gemmakit/scratch.py) for torch's
+GEMM (bf16 activations, like int8 layers' prompts). Without the native library, or when gradients are needed
+(salience), the weight is decoded to float.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from gemmakit.scratch import weight_buffer
 from gemmakit.weights.gguf_quants import BLOCK_SIZES, dequantize, type_name
 from gemmakit.weights.raw import RawTensor
 
-# From this many rows (a prompt chunk) a product decodes the weight to bf16 once and runs torch's GEMM. On a
-# [9216, 2304] matrix (2 threads) the multi-row block kernels ran 65-91 GMAC/s at any row count; decoding + bf16
-# GEMM ran 28-55 GMAC/s at 64 rows, 68-89 at 128 (even) and 144-152 at 512.
+# From this many rows (a prompt chunk) a product runs a GEMM (gemm.cpp, or the weight decoded for torch's bf16 one).
+# On a [9216, 2304] matrix (2 threads) the multi-row block kernels ran 65-91 GMAC/s at any row count; decoding +
+# bf16 GEMM ran 28-55 GMAC/s at 64 rows, 68-89 at 128 (even) and 144-152 at 512; at 512 rows the int8 GEMM ran
+# 290-300 GMAC/s where decoding + bf16 GEMM ran 205 (Gemma 2 2B's Q4_K shapes: 1.37-1.45x).
 PROMPT_ROWS = 128
 
 # ggml type ids the native kernels compute with
@@ -78,10 +80,12 @@ class BlockLinear(nn.Module):
 
         flat = x.reshape(-1, self.in_features)
         if not (torch.is_grad_enabled() and x.requires_grad) and kernels.has_block_kernels():
-            if flat.shape[0] >= PROMPT_ROWS:  # compute-bound: decode the weight once, torch's bf16 GEMM
-                w = kernels.block_dequantize(self.ggml_type, self.weight_blocks, torch.bfloat16,
-                                             out=weight_buffer(self.out_features, self.in_features, torch.bfloat16))
-                y = F.linear(flat.to(torch.bfloat16), w)
+            if flat.shape[0] >= PROMPT_ROWS:  # compute-bound: the int8 GEMM, or the weight decoded for bf16's
+                y = kernels.block_gemm(self.ggml_type, self.weight_blocks, flat)
+                if y is None:
+                    w = kernels.block_dequantize(self.ggml_type, self.weight_blocks, torch.bfloat16,
+                                                 out=weight_buffer(self.out_features, self.in_features, torch.bfloat16))
+                    y = F.linear(flat.to(torch.bfloat16), w)
             else:
                 y = kernels.block_matvec(self.ggml_type, self.weight_blocks, flat.float())
         else:

@@ -95,7 +95,8 @@ def reference_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 OFFSETS = {"Q4_0": 8, "Q5_0": 16}
 
 
-def split_weights(name: str, blocks: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
+def split_weights(name: str, blocks: np.ndarray, cols: int,
+                  offsets: dict[str, int] = OFFSETS) -> tuple[np.ndarray, np.ndarray]:
     """(w, |a| + |b|) in float64 [rows, cols], decoded by gguf: a = the weights with dmin zeroed (d * sc * q),
     b = minus the weights with d zeroed (dmin * m); for Q4_0/Q5_0, a = d * q and b = d * offset (w = d (q - offset));
     |w| for the other formats without mins."""
@@ -104,12 +105,12 @@ def split_weights(name: str, blocks: np.ndarray, cols: int) -> tuple[np.ndarray,
     w = quants.dequantize(blocks, t).reshape(rows, cols).astype(np.float64)
     d_off, m_off = scale_offsets(name)
     size = GGML_QUANT_SIZES[t][1]
-    if name in OFFSETS:
+    if name in offsets:
         unit = blocks.reshape(-1, size).copy()
         d = unit[:, :2].copy().view(np.float16).astype(np.float64)  # [blocks, 1]
         unit[:, :2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)  # d = 1: the codes minus the offset
-        q = quants.dequantize(unit.reshape(rows, -1), t).reshape(-1, GGML_QUANT_SIZES[t][0]) + OFFSETS[name]
-        return w, (np.abs(d) * (q + OFFSETS[name])).reshape(rows, cols)
+        q = quants.dequantize(unit.reshape(rows, -1), t).reshape(-1, GGML_QUANT_SIZES[t][0]) + offsets[name]
+        return w, (np.abs(d) * (q + offsets[name])).reshape(rows, cols)
     if m_off is None:
         return w, np.abs(w)
     parts = []
@@ -120,10 +121,11 @@ def split_weights(name: str, blocks: np.ndarray, cols: int) -> tuple[np.ndarray,
     return w, np.abs(parts[0]) + np.abs(parts[1])
 
 
-def reference_and_bound(name: str, blocks: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def reference_and_bound(name: str, blocks: np.ndarray, x: np.ndarray,
+                        offsets: dict[str, int] = OFFSETS) -> tuple[np.ndarray, np.ndarray]:
     """x W^T in float64 from gguf's dequantised W, and the bound of the module docstring, both [m, rows]."""
     m, cols = x.shape
-    w, ab = split_weights(name, blocks, cols)
+    w, ab = split_weights(name, blocks, cols, offsets)
     x64 = x.astype(np.float64)
     d = np.stack([reference_quantize(row)[1] for row in x]).astype(np.float64)  # [m, cols/32]
     d_each = np.repeat(d, 32, axis=1)  # [m, cols]
@@ -200,6 +202,47 @@ def test_dequantize_is_gguf_dequantize(name: str) -> None:
     assert torch.equal(out, expected.to(torch.bfloat16))
     with pytest.raises(InputError, match="out must be"):
         kernels.block_dequantize(TYPES[name], stored, torch.bfloat16, out=out[:, :256])
+
+
+# The prompt GEMM (gemm.cpp) takes every legacy type's codes unsigned: Q8_0's as q + 128, offset 128
+GEMM_OFFSETS = {**OFFSETS, "Q8_0": 128}
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+def test_prompt_gemm_within_bound(name: str) -> None:
+    """The prompt GEMM rounds activations as the decode kernels do and is held to the same bound (Q8_0's terms
+    are d (q + 128) x and 128 d x there), and to the decode kernels' own results within fp32 rounding. 37
+    activation rows (groups of 4 and a tail of 1) against 72 weight rows (two 32-row panels and a partial one);
+    each row's result is bitwise the same alone, and on 1 thread or 2. Q6_K is declined (its factors cover 16
+    values: slower than decoding it for the bf16 GEMM)."""
+    if not library().gk_block_kernels_vnni():
+        pytest.skip("the prompt GEMM needs AVX512-VNNI")
+    rng = np.random.default_rng(700 + TYPES[name])
+    rows, cols = 72, 512
+    blocks = random_blocks(name, rows, cols, rng)
+    x = random_activations(37, cols, rng)
+    stored, acts = torch.from_numpy(blocks), torch.from_numpy(x)
+    y = kernels.block_gemm(TYPES[name], stored, acts)
+    if name == "Q6_K":
+        assert y is None
+        return
+    got = y.numpy().astype(np.float64)
+    ref, bound = reference_and_bound(name, blocks, x, GEMM_OFFSETS)
+    excess = np.abs(got - ref) - bound
+    assert excess.max() <= 0, f"{name}: |gemm - ref| exceeds the bound by {excess.max():.3g}"
+    # the decode kernels' integer block sums are the same: only the fp32 combination may differ (a code offset
+    # off by one, well inside the bound above, is far outside this)
+    _, ab = split_weights(name, blocks, cols, GEMM_OFFSETS)
+    slack = 2 * (cols / 16 + 12) * U * ((np.abs(x.astype(np.float64)) + 1.0) @ ab.T)
+    assert np.all(np.abs(got - run(name, blocks, x)) <= slack)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = kernels.block_gemm(TYPES[name], stored, acts)
+    finally:
+        torch.set_num_threads(threads)
+    alone = torch.cat([kernels.block_gemm(TYPES[name], stored, acts[i:i + 1]) for i in (0, 5, 36)])
+    assert torch.equal(y, one_thread) and torch.equal(y[[0, 5, 36]], alone)
 
 
 def test_quantize_act_matches_numpy() -> None:

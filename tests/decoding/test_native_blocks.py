@@ -132,9 +132,10 @@ def test_block_dequantize_is_gguf_py_dequantize(real_gguf_path):
     assert seen == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
 
 
-def test_a_prompt_through_a_block_linear_is_the_bf16_product():
-    """From PROMPT_ROWS rows a BlockLinear multiplies bf16 activations by its bf16-decoded weight; below, the block
-    kernels' int8 activations. Both stay within their own rounding of the exact product."""
+def test_a_prompt_through_a_block_linear_is_the_product_within_rounding():
+    """From PROMPT_ROWS rows a BlockLinear runs the prompt GEMM (int8 activations, VNNI), or multiplies bf16
+    activations by its bf16-decoded weight; below, the block kernels. Each stays within its own rounding of the
+    exact product."""
     from gguf import GGMLQuantizationType, quants
 
     from gemmakit.blocks import PROMPT_ROWS
@@ -155,18 +156,18 @@ def test_a_prompt_through_a_block_linear_is_the_bf16_product():
 
 
 def test_prompt_products_in_turn_each_use_their_own_weight():
-    """Prompt products decode their weights into one reused buffer per thread (gemmakit/scratch.py): a smaller
-    weight after a larger one, and the larger again, each give exactly the product with their own decoded weight."""
-    from gguf import GGMLQuantizationType, quants
-
+    """Prompt products that decode their weight for the bf16 GEMM (Q6_K's) decode into one reused buffer per
+    thread (gemmakit/scratch.py): a smaller weight after a larger one, and the larger again, each give exactly the
+    product with their own decoded weight."""
     from gemmakit.blocks import PROMPT_ROWS
 
-    gen = torch.Generator().manual_seed(5)
+    rng = np.random.default_rng(5)
     linears = []
-    for out_features in (192, 64):
-        raw = quants.quantize((torch.randn(out_features, 256, generator=gen) * 0.1).numpy(), GGMLQuantizationType.Q8_0)
-        linears.append(BlockLinear(torch.from_numpy(np.ascontiguousarray(raw)), BLOCK_TYPES["Q8_0"]))
-    x = torch.randn(PROMPT_ROWS, 256, generator=gen).to(torch.bfloat16)
+    for out_features in (96, 32):
+        raw = rng.integers(0, 256, (out_features, 210), dtype=np.uint8)  # one Q6_K block a row: 256 inputs
+        raw[:, 208:210] = (rng.uniform(1e-3, 2e-3, (out_features, 1)).astype(np.float16)).view(np.uint8)
+        linears.append(BlockLinear(torch.from_numpy(raw), BLOCK_TYPES["Q6_K"]))
+    x = torch.from_numpy(rng.standard_normal((PROMPT_ROWS, 256)).astype(np.float32)).to(torch.bfloat16)
     with torch.inference_mode():
         for lin in linears + linears[:1]:
             expected = torch.nn.functional.linear(x, lin.dequantized(torch.bfloat16))

@@ -102,6 +102,8 @@ def bind_functions(lib: ctypes.CDLL) -> None:
         getattr(lib, name).restype = ctypes.c_int
     lib.gk_block_dequantize.argtypes = [_i64, _ptr, _i64, _i64, _ptr, _ptr, ctypes.c_int]  # dequant.cpp
     lib.gk_block_dequantize.restype = ctypes.c_int
+    lib.gk_block_gemm.argtypes = [_i64, _ptr, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_int]  # gemm.cpp
+    lib.gk_block_gemm.restype = ctypes.c_int
     lib.gk_quantize_act.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr]
     lib.gk_quantize_act.restype = None
     lib.gk_bf16_norm_rope.argtypes = [_ptr, _i64, _i64, _i64, _ptr, ctypes.c_float, _ptr, _ptr, _ptr, ctypes.c_int]

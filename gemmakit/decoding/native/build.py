@@ -25,7 +25,7 @@ from gemmakit.decoding.native import abi
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "layers.cpp", HERE / "head.cpp", HERE / "abi.cpp", HERE / "blocks.cpp", HERE / "dequant.cpp",
-           HERE / "prompt.cpp")
+           HERE / "prompt.cpp", HERE / "gemm.cpp")
 HEADERS = (HERE / "common.h", HERE / "blocks.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off")
 

@@ -1,6 +1,7 @@
-// Block matrices decoded to floats, for prompts: a prompt of many tokens is compute-bound, and torch's bf16 GEMM
-// (oneDNN, AVX512-BF16) multiplies faster than per-pair block dot products, so BlockLinear decodes its weight
-// once per prompt chunk here and hands it to F.linear (decode steps keep the block kernels of blocks.h).
+// Block matrices decoded to floats, for prompts the int8 GEMM (gemm.cpp) does not take (Q6_K, builds without
+// AVX512-VNNI): a prompt of many tokens is compute-bound, and torch's bf16 GEMM (oneDNN, AVX512-BF16) multiplies
+// faster than per-pair block dot products, so BlockLinear decodes its weight once per prompt chunk here and hands
+// it to F.linear (decode steps keep the block kernels of blocks.h).
 // Values are the GGUF definitions (gguf-py's `dequantize`): legacy d * q; Q6_K d * scale16 * q; Q4_K/Q5_K
 // d * scale * q - dmin * min, computed in fp32, then rounded to bf16 (to nearest, ties to even) when asked.
 #include "blocks.h"

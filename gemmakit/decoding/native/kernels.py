@@ -2,8 +2,8 @@
 
 The decoder's int8 head calls `int8_matvec`; the int4 kernel runs inside the rescored head, and its wrapper exists
 so it can be checked against its definition on its own (tests/decoding/test_native_decode.py). `block_matvec`
-multiplies by a GGUF tensor's own blocks (gemmakit/blocks.py's BlockLinear; checked in
-tests/decoding/test_block_kernels.py).
+multiplies by a GGUF tensor's own blocks, `block_gemm` does it for a prompt's many rows (gemmakit/blocks.py's
+BlockLinear; both checked in tests/decoding/test_block_kernels.py).
 """
 
 from __future__ import annotations
@@ -73,6 +73,19 @@ def block_matvec(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, *, scala
     if fn(ggml_type, blocks.data_ptr(), rows, cols, x.data_ptr(), x.shape[0], y.data_ptr(),
           torch.get_num_threads()) != 0:
         raise InputError(f"block_matvec: the native kernel refused {type_name(ggml_type)} [{rows}, {cols}]")
+    return y
+
+
+def block_gemm(ggml_type: int, blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """x [M, cols] W^T -> [M, rows] for a prompt (gemm.cpp): int8 activations rounded as `block_matvec` rounds
+    them, VNNI products over the weight's own codes. None where the kernel does not run (a build without
+    AVX512-VNNI, Q6_K): the caller decodes the weight for a float GEMM instead."""
+    lib, rows, cols = _checked_blocks("block_gemm", ggml_type, blocks)
+    x = x.reshape(-1, cols).to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], rows)
+    if lib.gk_block_gemm(int(ggml_type), blocks.contiguous().data_ptr(), rows, cols, x.data_ptr(), x.shape[0],
+                         y.data_ptr(), torch.get_num_threads()) != 0:
+        return None
     return y
 
 
