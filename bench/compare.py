@@ -498,7 +498,8 @@ def run_gemmakit_eager() -> dict:
 
 
 def run_gemmakit_compiled() -> dict:
-    return _gemmakit(compile=True)
+    # int8 layers: the default GGUF-block layers run native kernels torch.compile cannot trace (choice.py)
+    return _gemmakit(compile=True, quant="int8-rescore")
 
 
 def run_gemmakit_fp32() -> dict:

@@ -43,7 +43,8 @@ def add_model_argument(parser: argparse.ArgumentParser, fast: bool = False, floa
     if fast:
         parser.add_argument("--compile", action="store_true",
                             help="decode through a torch.compile'd step (faster per token; compiling takes a "
-                                 "minute or two the first time, ~15 s later)")
+                                 "minute or two the first time, ~15 s later; a model whose layers stay GGUF "
+                                 "blocks runs the native step instead, which torch.compile cannot trace)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -100,6 +100,13 @@ def test_greedy_tokens_over_blocks_match_the_eager_path(tmp_path):
     assert len(set(fused.flatten().tolist())) > 2  # not one token repeated
 
 
+def test_compile_on_a_block_model_runs_the_native_step_and_says_why(tmp_path):
+    """torch.compile cannot trace the block kernels (ctypes calls): compile=True on a GGUF-block model gets the
+    native decoder, with the reason, instead of a compile error at the first step."""
+    choice = choose_decoder(tiny_block_model("gemma2", tmp_path), compile=True)
+    assert choice.name == "native" and "compile=True declined" in choice.reason, choice.reason
+
+
 def test_an_unsupported_matrix_keeps_the_model_off_the_native_step(tmp_path):
     """A layer linear the kernels cannot take (here a plain fp32 one) sends the model to the eager decoder."""
     model = tiny_block_model("gemma3", tmp_path)
