@@ -5,10 +5,11 @@ step reads, and computes a model that is not the file's. A `BlockLinear` holds t
 file stores them (a zero-copy view of its memory map, or of a converted file) and multiplies with the native
 block kernels (`gemmakit/decoding/native/blocks.h`): activations are rounded to int8 in blocks of 32 with one fp32
 scale (the error bound is derived and tested in tests/decoding/test_block_kernels.py), the integer dot products
-are exact, and each output row is computed alone, so a row's result never depends on the batch it is in.
-A prompt of PROMPT_ROWS rows or more is compute-bound instead: with AVX512-VNNI the native int8 GEMM multiplies the
-weight's own codes (gemm.cpp; activations rounded as above, outputs per row, so still batch-independent); Q6_K, or a
-build without VNNI, decodes the weight to bf16 (into the thread's reused buffer, gemmakit/scratch.py) for torch's
+are exact, and each output row is computed alone, so a row's result does not depend on the other rows of a call
+taking the same path (the path follows the call's row count, as below).
+From GEMM_ROWS rows (a prompt chunk), on AVX512-VNNI, the native int8 GEMM multiplies the weight's own codes instead
+(gemm.cpp; activations rounded as above, outputs per row, so still batch-independent); from PROMPT_ROWS rows, Q6_K
+or a build without VNNI decodes the weight to bf16 (into the thread's reused buffer, gemmakit/scratch.py) for torch's
 GEMM (bf16 activations, like int8 layers' prompts). Without the native library, or when gradients are needed
 (salience), the weight is decoded to float.
 """
@@ -28,6 +29,9 @@ from gemmakit.weights.raw import RawTensor
 # bf16 GEMM ran 28-55 GMAC/s at 64 rows, 68-89 at 128 (even) and 144-152 at 512; at 512 rows the int8 GEMM ran
 # 290-300 GMAC/s where decoding + bf16 GEMM ran 205 (Gemma 2 2B's Q4_K shapes: 1.37-1.45x).
 PROMPT_ROWS = 128
+# From this many rows the int8 GEMM (gemm.cpp) runs where it takes the type: against the multi-row block kernels it
+# was 0.86-1.24x at 16 rows, 1.25-2.16x at 32 and 1.8-2.6x at 64 (Gemma 2 2B's and the real 270M's shapes).
+GEMM_ROWS = 32
 
 # ggml type ids the native kernels compute with
 BLOCK_TYPES = {"Q4_0": 2, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
@@ -80,13 +84,13 @@ class BlockLinear(nn.Module):
 
         flat = x.reshape(-1, self.in_features)
         if not (torch.is_grad_enabled() and x.requires_grad) and kernels.has_block_kernels():
-            if flat.shape[0] >= PROMPT_ROWS:  # compute-bound: the int8 GEMM, or the weight decoded for bf16's
-                y = kernels.block_gemm(self.ggml_type, self.weight_blocks, flat)
-                if y is None:
-                    w = kernels.block_dequantize(self.ggml_type, self.weight_blocks, torch.bfloat16,
-                                                 out=weight_buffer(self.out_features, self.in_features, torch.bfloat16))
-                    y = F.linear(flat.to(torch.bfloat16), w)
-            else:
+            rows = flat.shape[0]
+            y = kernels.block_gemm(self.ggml_type, self.weight_blocks, flat) if rows >= GEMM_ROWS else None
+            if y is None and rows >= PROMPT_ROWS:  # compute-bound: the weight decoded for torch's bf16 GEMM
+                w = kernels.block_dequantize(self.ggml_type, self.weight_blocks, torch.bfloat16,
+                                             out=weight_buffer(self.out_features, self.in_features, torch.bfloat16))
+                y = F.linear(flat.to(torch.bfloat16), w)
+            elif y is None:
                 y = kernels.block_matvec(self.ggml_type, self.weight_blocks, flat.float())
         else:
             y = F.linear(flat.float(), self.dequantized())

@@ -140,19 +140,19 @@ def test_block_dequantize_is_gguf_py_dequantize(real_gguf_path):
 
 
 def test_a_prompt_through_a_block_linear_is_the_product_within_rounding():
-    """From PROMPT_ROWS rows a BlockLinear runs the prompt GEMM (int8 activations, VNNI), or multiplies bf16
-    activations by its bf16-decoded weight; below, the block kernels. Each stays within its own rounding of the
-    exact product."""
+    """From GEMM_ROWS rows a BlockLinear runs the prompt GEMM (int8 activations, VNNI; from PROMPT_ROWS without it,
+    bf16 activations times its bf16-decoded weight); below, the block kernels. Each stays within its own rounding
+    of the exact product."""
     from gguf import GGMLQuantizationType, quants
 
-    from gemmakit.blocks import PROMPT_ROWS
+    from gemmakit.blocks import GEMM_ROWS, PROMPT_ROWS
 
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(96, 256, generator=gen) * 0.1
     raw = quants.quantize(w.numpy(), GGMLQuantizationType.Q8_0)
     lin = BlockLinear(torch.from_numpy(np.ascontiguousarray(raw)), BLOCK_TYPES["Q8_0"])
     exact_w = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q8_0)).double()
-    for rows in (PROMPT_ROWS - 1, PROMPT_ROWS + 5):
+    for rows in (GEMM_ROWS - 1, GEMM_ROWS, PROMPT_ROWS + 5):
         x = torch.randn(rows, 256, generator=gen)
         exact = x.double() @ exact_w.t()
         with torch.inference_mode():
