@@ -24,5 +24,6 @@ def weight_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     buffers: dict[torch.dtype, torch.Tensor] = _local.__dict__.setdefault("buffers", {})
     held = buffers.get(dtype)
     if held is None or held.numel() < rows * cols:
-        held = buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: an inference one could not be written outside that mode
+            held = buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
     return held[: rows * cols].view(rows, cols)
