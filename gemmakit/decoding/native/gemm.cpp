@@ -25,9 +25,8 @@ using namespace gk;
 #if GK_BLOCKS_VNNI
 namespace {
 
-constexpr int kLanes = 16;    // weight rows in a vector
-constexpr int kPanel = 32;    // weight rows in a panel: two vectors
-constexpr int kActRows = 4;   // activation rows in the micro-kernel
+constexpr int kPanel = 32;   // weight rows in a panel: two vectors of 16 lanes
+constexpr int kActRows = 4;  // activation rows in the micro-kernel
 
 // One weight row as unsigned codes u [k], factors a and offsets b [k/32] (w = a u - b).
 void unpack_row(int64_t type, const uint8_t* row, int64_t k, uint8_t* u, float* a, float* b) {
