@@ -30,9 +30,10 @@ constexpr int kActRows = 4;  // activation rows in the micro-kernel
 
 // One weight row as unsigned codes u [k], factors a and offsets b [k/32] (w = a u - b).
 void unpack_row(int64_t type, const uint8_t* row, int64_t k, uint8_t* u, float* a, float* b) {
+  int64_t values, bytes;
+  block_shape(type, &values, &bytes);
   if (type == kQ4_K || type == kQ5_K) {
-    const int64_t bytes = type == kQ4_K ? 144 : 176;
-    for (int64_t blk_i = 0; blk_i < k / kSuper; ++blk_i) {
+    for (int64_t blk_i = 0; blk_i < k / values; ++blk_i) {
       const uint8_t* blk = row + blk_i * bytes;
       const uint8_t* qs = blk + (type == kQ4_K ? 16 : 48);
       uint8_t* out = u + blk_i * kSuper;
@@ -59,21 +60,13 @@ void unpack_row(int64_t type, const uint8_t* row, int64_t k, uint8_t* u, float* 
     }
     return;
   }
-  const int64_t bytes = type == kQ8_0 ? 34 : type == kQ4_0 ? 18 : 22;
   const float offset = type == kQ8_0 ? 128.0f : type == kQ4_0 ? 8.0f : 16.0f;
-  for (int64_t blk_i = 0; blk_i < k / 32; ++blk_i) {
+  for (int64_t blk_i = 0; blk_i < k / values; ++blk_i) {
     const uint8_t* blk = row + blk_i * bytes;
-    __m256i codes;
-    if (type == kQ8_0) {
-      codes = _mm256_xor_si256(load256(blk + 2), _mm256_set1_epi8(static_cast<char>(0x80)));  // q + 128
-    } else if (type == kQ4_0) {
-      codes = nibbles32(blk + 2);
-    } else {
-      uint32_t qh;
-      std::memcpy(&qh, blk + 2, 4);
-      codes = nibbles32(blk + 6);
-      codes = _mm256_mask_add_epi8(codes, static_cast<__mmask32>(qh), codes, _mm256_set1_epi8(0x10));
-    }
+    // unsigned codes: Q8_0's q + 128; Q4_0's and Q5_0's as the decode kernels take them
+    const __m256i codes = type == kQ8_0 ? _mm256_xor_si256(load256(blk + 2), _mm256_set1_epi8(static_cast<char>(0x80)))
+                          : type == kQ4_0 ? LegacyCodes<kQ4_0>(blk).codes
+                                          : LegacyCodes<kQ5_0>(blk).codes;
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + 32 * blk_i), codes);
     a[blk_i] = half_to_float(blk);
     b[blk_i] = a[blk_i] * offset;
@@ -103,30 +96,11 @@ struct Panel {
   }
 };
 
-// Quantised activation rows: codes [m][k], d_x and d_x * s_x [m][k/32].
-struct Acts {
-  std::vector<int8_t> q;
-  std::vector<float> d, ds;
-  void fill(const float* x, int64_t m, int64_t k, int threads) {
-    const int64_t nb = k / kActBlock;
-    q.resize(m * k);
-    d.resize(m * nb);
-    ds.resize(m * nb);
-#pragma omp parallel num_threads(threads)
-    {
-      std::vector<int32_t> sums(nb);
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < m; ++i) {
-        quantize_act(x + i * k, k, q.data() + i * k, d.data() + i * nb, sums.data());
-        for (int64_t j = 0; j < nb; ++j) ds[i * nb + j] = d[i * nb + j] * static_cast<float>(sums[j]);
-      }
-    }
-  }
-};
-
-// y rows i0 .. i0 + R (of width n, from column n0) = those activation rows against the panel (lanes past n unused).
+// y rows i0 .. i0 + R (of width n, from column n0) = those activation rows (ActRows: codes [m, k], scales [m, k/32])
+// against the panel (lanes past n unused); offset_scales [m, k/32] = d_x s_x.
 template <int R>
-void micro(const Panel& p, const Acts& acts, int64_t i0, int64_t k, float* y, int64_t n, int64_t n0, int64_t cols) {
+void micro(const Panel& p, const ActRows& acts, const float* offset_scales, int64_t i0, int64_t k, float* y, int64_t n,
+           int64_t n0, int64_t cols) {
   const int64_t nb = k / kActBlock;
   __m512 acc[R][2];
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -148,7 +122,8 @@ void micro(const Panel& p, const Acts& acts, int64_t i0, int64_t k, float* y, in
     const __m512 a0 = _mm512_loadu_ps(p.a.data() + j * kPanel), a1 = _mm512_loadu_ps(p.a.data() + j * kPanel + 16);
     const __m512 b0 = _mm512_loadu_ps(p.b.data() + j * kPanel), b1 = _mm512_loadu_ps(p.b.data() + j * kPanel + 16);
     for (int i = 0; i < R; ++i) {
-      const __m512 dx = _mm512_set1_ps(acts.d[(i0 + i) * nb + j]), dxs = _mm512_set1_ps(acts.ds[(i0 + i) * nb + j]);
+      const int64_t at = (i0 + i) * nb + j;
+      const __m512 dx = _mm512_set1_ps(acts.d[at]), dxs = _mm512_set1_ps(offset_scales[at]);
       acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][0]), _mm512_mul_ps(a0, dx), acc[i][0]);
       acc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][1]), _mm512_mul_ps(a1, dx), acc[i][1]);
       acc[i][0] = _mm512_fnmadd_ps(b0, dxs, acc[i][0]);
@@ -178,19 +153,27 @@ int gk_block_gemm(int64_t type, const uint8_t* w, int64_t n, int64_t k, const fl
   if (type == kQ6_K || row_bytes < 0 || k % kActBlock != 0 || m < 0 || n < 0) return -1;
   if (n == 0 || m == 0) return 0;
   threads = std::max(threads, 1);
-  Acts acts;
-  acts.fill(x, m, k, threads);
-  const int64_t panels = (n + kPanel - 1) / kPanel;
+  ActRows acts;
+  acts.reserve(m, k);
+  const int64_t nb = k / kActBlock, panels = (n + kPanel - 1) / kPanel;
+  std::vector<float> offset_scales(m * nb);  // d_x s_x per row and 32 values: the offsets' factor
 #pragma omp parallel num_threads(threads)
   {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < m; ++i) {
+      acts.quantize(x, i);
+      for (int64_t j = 0; j < nb; ++j)
+        offset_scales[i * nb + j] = acts.d[i * nb + j] * static_cast<float>(acts.sums[i * nb + j]);
+    }
     Panel panel;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t n0 = p * kPanel, cols = std::min<int64_t>(kPanel, n - n0);
       panel.fill(type, w + n0 * row_bytes, row_bytes, cols, k);
+      const float* offsets = offset_scales.data();
       int64_t i0 = 0;
-      for (; i0 + kActRows <= m; i0 += kActRows) micro<kActRows>(panel, acts, i0, k, y, n, n0, cols);
-      for (; i0 < m; ++i0) micro<1>(panel, acts, i0, k, y, n, n0, cols);
+      for (; i0 + kActRows <= m; i0 += kActRows) micro<kActRows>(panel, acts, offsets, i0, k, y, n, n0, cols);
+      for (; i0 < m; ++i0) micro<1>(panel, acts, offsets, i0, k, y, n, n0, cols);
     }
   }
   return 0;
